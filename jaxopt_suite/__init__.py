@@ -1,0 +1,25 @@
+"""jaxopt-suite: deep-learning optimizers written once in JAX (optax transformations).
+
+The public surface re-exports the factories, their building blocks and states; see each module's
+docstring for the update rule and references, and :mod:`jaxopt_suite.registry` for the table of
+optimizers that tests, the torch bridge and the demo read.
+"""
+
+from ._common import FlatLayout, get_hyperparams, zero_masked
+from .adam import AdamState, adam, adamw, scale_by_adam
+from .sgd import SGDState, scale_by_sgd_momentum, sgd
+from . import registry
+
+__all__ = [
+    "FlatLayout",
+    "get_hyperparams",
+    "zero_masked",
+    "AdamState",
+    "adam",
+    "adamw",
+    "scale_by_adam",
+    "SGDState",
+    "scale_by_sgd_momentum",
+    "sgd",
+    "registry",
+]

@@ -1,0 +1,392 @@
+"""Shared pieces of every optimizer family: validation, per-leaf scalars, masks, flat layouts.
+
+Two execution layouts exist for every transformation in the suite:
+
+* **pytree layout** (the default, ``segments=None``): each leaf is one parameter tensor, and per-leaf
+  scalars (step counters, ASGD's ``eta``...) are 0-d arrays;
+* **flat layout** (``segments=FlatLayout``): the torch bridge packs many parameters into one flat 1-D
+  buffer. Each parameter is a *segment*; per-leaf scalars become vectors with one entry per segment plus a
+  trailing "dead" entry for the zero padding. :func:`per_element` broadcasts them back to elements.
+
+Blocks written with the helpers below work unchanged in both layouts.
+
+The optional extra argument ``grad_mask`` (a pytree of bool scalars shaped like the params, or in the
+flat layout one bool vector per buffer) reproduces torch's rule that a parameter whose ``.grad`` is None
+is skipped entirely: on a False entry the update is exactly zero and that entry's state is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+def is_concrete(value: Any) -> bool:
+    """True when ``value`` can be inspected on the host (not a tracer, not a schedule)."""
+    if callable(value):
+        return False
+    if isinstance(value, jax.core.Tracer):
+        return False
+    try:
+        np.asarray(value)
+    except Exception:  # noqa: BLE001 - anything we cannot read is treated as symbolic
+        return False
+    return True
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    ge: Optional[float] = None,
+    gt: Optional[float] = None,
+    le: Optional[float] = None,
+    lt: Optional[float] = None,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` and the allowed range when a concrete value falls outside it.
+
+    Traced values and schedules (callables) are not checked: they are only known inside ``jit``.
+    """
+    if value is None or not is_concrete(value):
+        return
+    arr = np.asarray(value)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"Invalid {name}: {value!r}; expected a real number.")
+    low = f"[{ge}" if ge is not None else (f"({gt}" if gt is not None else "(-inf")
+    high = f"{le}]" if le is not None else (f"{lt})" if lt is not None else "inf)")
+    bad = (
+        (ge is not None and np.any(arr < ge))
+        or (gt is not None and np.any(arr <= gt))
+        or (le is not None and np.any(arr > le))
+        or (lt is not None and np.any(arr >= lt))
+        or np.any(np.isnan(arr))
+    )
+    if bad:
+        raise ValueError(f"Invalid {name}: {value!r}; allowed range is {low}, {high}.")
+
+
+def check_learning_rate(learning_rate: Any) -> None:
+    """A learning rate must be >= 0 (a schedule is checked at its first value)."""
+    if callable(learning_rate):
+        try:
+            first = learning_rate(0)
+        except Exception:  # noqa: BLE001 - schedules that need tracing are checked at use
+            return
+        check_range("learning_rate", first, ge=0.0)
+    else:
+        check_range("learning_rate", learning_rate, ge=0.0)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise ``ValueError`` when a structural option is not one of ``choices``."""
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {list(choices)!r}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# flat layout (used by the torch bridge; a static, hashable description of a packed buffer)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlatLayout:
+    """How several tensors are packed into one flat buffer.
+
+    Segment ``i`` holds a tensor of ``numels[i]`` elements at ``offsets[i]``, zero-padded to
+    ``padded[i]`` elements. Elements of the padding belong to the dead segment ``n`` (= ``len(numels)``),
+    so per-segment vectors have ``n + 1`` entries.
+    """
+
+    offsets: tuple[int, ...]
+    numels: tuple[int, ...]
+    padded: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.numels)
+
+    @property
+    def num_segments(self) -> int:
+        """Tensors plus the dead padding segment."""
+        return len(self.numels) + 1
+
+    @property
+    def total(self) -> int:
+        return (self.offsets[-1] + self.padded[-1]) if self.offsets else 0
+
+    @functools.cached_property
+    def seg_ids(self) -> np.ndarray:
+        ids = np.full(self.total, self.num_tensors, dtype=np.int32)
+        for i, (off, num) in enumerate(zip(self.offsets, self.numels)):
+            ids[off : off + num] = i
+        return ids
+
+    @functools.cached_property
+    def _key(self):
+        return (self.offsets, self.numels, self.padded, self.shapes)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FlatLayout) and self._key == other._key
+
+    @classmethod
+    def from_shapes(cls, shapes: Sequence[Sequence[int]], align_elements: int = 16) -> "FlatLayout":
+        """Pack tensors of ``shapes`` back to back, each padded to a multiple of ``align_elements``."""
+        offsets, numels, padded = [], [], []
+        offset = 0
+        for shape in shapes:
+            numel = int(math.prod(shape))
+            pad = -(-max(numel, 1) // align_elements) * align_elements
+            offsets.append(offset)
+            numels.append(numel)
+            padded.append(pad)
+            offset += pad
+        return cls(tuple(offsets), tuple(numels), tuple(padded), tuple(tuple(s) for s in shapes))
+
+
+def leaf_scalar(leaf: Any, segments: Optional[FlatLayout], dtype: Any = jnp.int32, fill: Any = 0):
+    """A per-leaf scalar state entry: 0-d, or one entry per segment in the flat layout.
+
+    ``leaf`` is only used for tree structure (this works on ``jax.ShapeDtypeStruct`` leaves).
+    """
+    del leaf
+    if segments is None:
+        return jnp.full((), fill, dtype=dtype)
+    return jnp.full((segments.num_segments,), fill, dtype=dtype)
+
+
+def per_element(scalar: jax.Array, segments: Optional[FlatLayout]) -> jax.Array:
+    """Broadcast a per-leaf scalar (0-d, or per-segment vector) to the elements of its leaf."""
+    if segments is None:
+        return scalar
+    return scalar[jnp.asarray(segments.seg_ids)]
+
+
+def segment_sum(x: jax.Array, segments: FlatLayout) -> jax.Array:
+    """Per-segment sums of a flat array (the per-tensor reduction of the flat layout)."""
+    return jax.ops.segment_sum(
+        x, jnp.asarray(segments.seg_ids), num_segments=segments.num_segments, indices_are_sorted=True
+    )
+
+
+def tensor_sum(x: jax.Array, segments: Optional[FlatLayout]) -> jax.Array:
+    """Per-tensor sum: a 0-d sum in the pytree layout, per-segment sums in the flat layout."""
+    if segments is None:
+        return jnp.sum(x)
+    return segment_sum(x, segments)
+
+
+def leaf_masks(grad_mask: Optional[PyTree], updates: PyTree) -> PyTree:
+    """A tree of per-leaf masks (None entries meaning all True) shaped like ``updates``."""
+    if grad_mask is None:
+        return jax.tree.map(lambda _: None, updates)
+    return jax.tree.map(lambda _, m: m, updates, grad_mask, is_leaf=lambda x: x is None)
+
+
+def where_mask(mask: Optional[jax.Array], new: Any, old: Any, segments: Optional[FlatLayout] = None):
+    """``new`` where the mask is True, else ``old``; scalars and elements alike. ``mask=None``: ``new``.
+
+    ``new`` may be per-element or per-leaf (0-d / per-segment) state; the mask is broadcast accordingly.
+    """
+    if mask is None:
+        return new
+    mask = jnp.asarray(mask, dtype=bool)
+    new = jnp.asarray(new)
+    if segments is not None and new.ndim == 1 and new.shape[0] != segments.num_segments:
+        mask = per_element(mask, segments)
+    return jnp.where(mask, new, old)
+
+
+def masked_tree(grad_mask: Optional[PyTree], new: PyTree, old: PyTree, segments=None) -> PyTree:
+    """Per-leaf :func:`where_mask` over matching trees (``None`` leaves of ``new`` are kept)."""
+    if grad_mask is None:
+        return new
+    return jax.tree.map(
+        lambda n, o, m: None if n is None else where_mask(m, n, o, segments),
+        new,
+        old,
+        leaf_masks(grad_mask, new),
+        is_leaf=lambda x: x is None,
+    )
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless block."""
+
+
+def zero_masked(*, segments: Optional[FlatLayout] = None) -> optax.GradientTransformationExtraArgs:
+    """Set the update of every entry whose ``grad_mask`` is False to exactly zero.
+
+    The last block of every torch-semantics alias: together with the stateful blocks' own masking it
+    makes a parameter without a gradient untouched (no decay, no state change), as torch does.
+    """
+
+    def init_fn(params):
+        del params
+        return EmptyState()
+
+    def update_fn(updates, state, params=None, *, grad_mask=None, **extra_args):
+        del params, extra_args
+        if grad_mask is None:
+            return updates, state
+        out = jax.tree.map(
+            lambda u, m: jnp.where(per_element(jnp.asarray(m, bool), segments), u, jnp.zeros_like(u)),
+            updates,
+            leaf_masks(grad_mask, updates),
+        )
+        return out, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# numerics
+# --------------------------------------------------------------------------------------------------
+
+
+def scalar_dtype_for(leaf_dtype: Any) -> Any:
+    """float64 for float64/complex128 leaves, float32 otherwise (bias corrections, step sizes)."""
+    return jnp.float64 if jnp.dtype(leaf_dtype) in (jnp.dtype("float64"), jnp.dtype("complex128")) else jnp.float32
+
+
+def bias_correction(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
+    """``1 - decay**count`` computed as ``-expm1(count * log1p(-(1 - decay)))``.
+
+    Accurate to a few ulp even in float32 (the power form loses ~1e-5 relative at decay 0.999), and exactly
+    ``1 - decay`` at ``count == 1``.
+    """
+    return bias_correction_from(one_minus(decay), count, dtype)
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """Elementwise ``count + 1`` saturating at the dtype maximum (optax's rule, for vectors too)."""
+    return optax.safe_increment(count)
+
+
+def real_dtype(dtype: Any) -> Any:
+    """The real dtype of a (possibly complex) dtype."""
+    return jnp.finfo(dtype).dtype
+
+
+def cast_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.asarray(ref).dtype)
+
+
+def tree_cast_like(tree: PyTree, ref: PyTree) -> PyTree:
+    """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``ref`` (state dtype stability)."""
+    return jax.tree.map(lambda x, r: None if x is None else x.astype(r.dtype), tree, ref, is_leaf=lambda x: x is None)
+
+
+def get_hyperparams(state: PyTree) -> dict:
+    """Return the hyperparameters of the first ``optax.inject_hyperparams`` state found in ``state``.
+
+    ``state.hyperparams['learning_rate']`` holds the value used by the last update, scheduled or not.
+    Raises ``ValueError`` when the state contains no injected hyperparameters.
+    """
+    found = []
+
+    def visit(node):
+        if found:
+            return
+        if isinstance(node, optax.InjectHyperparamsState) or (
+            hasattr(node, "hyperparams") and isinstance(getattr(node, "hyperparams"), dict)
+        ):
+            found.append(node.hyperparams)
+            return
+        if isinstance(node, dict):
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, (tuple, list)):
+            for value in node:
+                visit(value)
+
+    visit(state)
+    if not found:
+        raise ValueError("The state contains no optax.inject_hyperparams state; wrap the optimizer with it.")
+    return dict(found[0])
+
+
+def chain(*blocks: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain`` with ``None`` entries dropped (for optional blocks such as maximize)."""
+    return optax.chain(*[b for b in blocks if b is not None])
+
+
+def maybe_maximize(maximize: bool) -> Optional[optax.GradientTransformation]:
+    """``scale(-1)`` when maximizing (applied first, before any decay, as torch does)."""
+    return optax.scale(-1.0) if maximize else None
+
+
+def static_bool(name: str, value: Any) -> bool:
+    """Structure-changing flags must be Python bools (never traced)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a Python bool (it changes the computation), got {value!r}.")
+    return bool(value)
+
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def one_minus(decay: Any) -> Any:
+    """``1 - decay`` in Python double when ``decay`` is a Python number (as torch forms it), else traced.
+
+    The moment updates and :func:`bias_correction` must use the *same* rounded value, so that the bias
+    correction at step 1 is exactly the weight the first gradient received.
+    """
+    if isinstance(decay, (int, float, np.floating, np.integer)) and not isinstance(decay, bool):
+        return 1.0 - float(decay)
+    return 1 - jnp.asarray(decay)
+
+
+def bias_correction_from(one_minus_decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
+    """``1 - (1 - c)**count`` as ``-expm1(count * log1p(-c))`` with ``c = one_minus_decay``."""
+    c = jnp.asarray(one_minus_decay, dtype)
+    return -jnp.expm1(count.astype(dtype) * jnp.log1p(-c))
+
+
+def lerp(start: jax.Array, end: jax.Array, weight: Any) -> jax.Array:
+    """``start + weight * (end - start)`` rounded as torch's ``lerp`` (two formulas split at 0.5)."""
+    diff = end - start
+    weight = jnp.asarray(weight).astype(real_dtype(start.dtype)) if not isinstance(weight, float) else weight
+    low = start + weight * diff
+    high = end - diff * (1 - weight)
+    if isinstance(weight, float):
+        return low if abs(weight) < 0.5 else high
+    return jnp.where(jnp.abs(weight) < 0.5, low, high)
+
+
+def componentwise(fn: Callable[..., Any], *arrays: jax.Array):
+    """Apply ``fn`` to real arrays; complex arrays are split into (real, imag) components first.
+
+    torch steps a complex parameter as its ``view_as_real`` pair, so elementwise nonlinear rules
+    (square, square root, maximum, division) act on each component separately. ``fn`` may return a
+    single array or a tuple of arrays.
+    """
+    if not any(jnp.iscomplexobj(a) for a in arrays if a is not None and hasattr(a, "dtype")):
+        return fn(*arrays)
+
+    def split(a, part):
+        if a is None or not hasattr(a, "dtype") or not jnp.iscomplexobj(a):
+            return a
+        return jnp.real(a) if part == 0 else jnp.imag(a)
+
+    re = fn(*[split(a, 0) for a in arrays])
+    im = fn(*[split(a, 1) for a in arrays])
+    if isinstance(re, tuple):
+        return tuple(jax.lax.complex(r, i) for r, i in zip(re, im))
+    return jax.lax.complex(re, im)

@@ -1,0 +1,187 @@
+"""Adam, AdamW and AMSGrad exactly as ``torch.optim.Adam`` / ``torch.optim.AdamW``.
+
+Update rule (per parameter with a gradient; t = that parameter's step after increment)::
+
+    g ← −g (maximize);   g ← g + λθ (coupled)   |   θ ← θ(1 − lr·λ) (decoupled, AdamW)
+    m ← β1 m + (1 − β1) g
+    v ← β2 v + (1 − β2) g²
+    v̂ ← max(v̂, v)                              (amsgrad, on the raw v)
+    θ ← θ − (lr / (1 − β1^t)) · m / (√v(̂) / √(1 − β2^t) + ε)
+
+ε is added outside the root and is not bias-corrected (optax's ``eps``, not ``eps_root``).
+
+References:
+  Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+  Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019 (AdamW).
+  Reddi et al., "On the Convergence of Adam and Beyond", ICLR 2018 (AMSGrad).
+  PyTorch ``torch.optim.Adam`` / ``AdamW`` 2.x, single-tensor path, which this reproduces to rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import _common as C
+
+
+class AdamState(NamedTuple):
+    """State of :func:`scale_by_adam`.
+
+    Attributes:
+      count: per-leaf int32 step count ``t`` (torch's per-parameter ``step``).
+      mu: first moment ``m`` (torch ``exp_avg``).
+      nu: second moment ``v`` (torch ``exp_avg_sq``).
+      nu_max: running maximum of ``v`` with amsgrad (torch ``max_exp_avg_sq``), else ``None``.
+    """
+
+    count: Any
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+def scale_by_adam(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    *,
+    amsgrad: bool = False,
+    segments: Optional[C.FlatLayout] = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Adam's direction ``m / (√v/√bc2 + ε) / bc1`` with per-leaf counts (torch association).
+
+    Bias corrections ``bc_i = 1 − β_i^t`` are formed as ``−expm1(t·log1p(−(1−β_i)))`` in float32 (float64
+    for float64 leaves), which stays within a few ulp of torch's double-precision scalars. Complex leaves
+    are treated as (real, imag) pairs, as torch does with ``view_as_real``.
+    """
+    C.static_bool("amsgrad", amsgrad)
+    c1, c2 = C.one_minus(b1), C.one_minus(b2)
+
+    def init_fn(params):
+        return AdamState(
+            count=jax.tree.map(lambda p: C.leaf_scalar(p, segments), params),
+            mu=jax.tree.map(jnp.zeros_like, params),
+            nu=jax.tree.map(jnp.zeros_like, params),
+            nu_max=jax.tree.map(jnp.zeros_like, params) if amsgrad else None,
+        )
+
+    def update_fn(updates, state, params=None, *, grad_mask=None, **extra_args):
+        del params, extra_args
+        count = jax.tree.map(C.safe_increment, state.count)
+        nu_max_in = state.nu_max if amsgrad else jax.tree.map(lambda _: None, updates)
+
+        def one(g, m, v, vmax, t):
+            sd = C.scalar_dtype_for(g.dtype)
+            t = C.per_element(t, segments)
+            bc1 = C.bias_correction_from(c1, t, sd)
+            bc2_sqrt = jnp.sqrt(C.bias_correction_from(c2, t, sd))
+
+            def rule(g, m, v, vmax):
+                m = C.lerp(m, g, c1).astype(g.dtype)
+                v = (v * b2 + c2 * (g * g)).astype(g.dtype)
+                if vmax is not None:
+                    vmax = jnp.maximum(vmax, v)
+                denom = jnp.sqrt(vmax if vmax is not None else v) / bc2_sqrt + eps
+                u = (m / denom / bc1).astype(g.dtype)
+                return (u, m, v, vmax) if vmax is not None else (u, m, v)
+
+            out = C.componentwise(rule, g, m, v, vmax)
+            return out if vmax is not None else (*out, None)
+
+        res = jax.tree.map(one, updates, state.mu, state.nu, nu_max_in, count, is_leaf=lambda x: x is None)
+        pick = lambda i: jax.tree.map(lambda _, r: r[i], updates, res)  # noqa: E731
+        u, mu, nu = pick(0), pick(1), pick(2)
+        nu_max = pick(3) if amsgrad else None
+        new = AdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+        new = AdamState(*[C.masked_tree(grad_mask, n, o, segments) for n, o in zip(new, state)])
+        return u, new
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _validate_adam(learning_rate, b1, b2, eps, weight_decay):
+    C.check_learning_rate(learning_rate)
+    C.check_range("b1", b1, ge=0.0, lt=1.0)
+    C.check_range("b2", b2, ge=0.0, lt=1.0)
+    C.check_range("eps", eps, ge=0.0)
+    C.check_range("weight_decay", weight_decay, ge=0.0)
+
+
+def adam(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    *,
+    amsgrad: bool = False,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    weight_decay_mask: Any = None,
+    segments: Optional[C.FlatLayout] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam exactly as ``torch.optim.Adam`` (coupled L2 decay by default).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    with ``g_t = ±∇f + λθ`` (coupled) or the decoupled ``θ ← θ − ηλθ`` when ``decoupled_weight_decay``.
+
+    Args:
+      learning_rate: η ≥ 0 or a schedule.  b1, b2: β ∈ [0, 1).  eps: ε ≥ 0 (outside the root).
+      weight_decay: λ ≥ 0.  amsgrad: use ``max`` of the raw second moments.
+      decoupled_weight_decay: AdamW-style decay (see :func:`adamw`).  maximize: ascend.
+      weight_decay_mask: bool pytree or callable selecting decayed leaves.  segments: bridge flat layout.
+
+    Extra args: ``grad_mask``. Others are ignored.
+
+    References:
+      Kingma & Ba 2015; Reddi et al. 2018; PyTorch ``torch.optim.Adam``.
+    """
+    _validate_adam(learning_rate, b1, b2, eps, weight_decay)
+    C.static_bool("decoupled_weight_decay", decoupled_weight_decay)
+    C.static_bool("maximize", maximize)
+    decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    return C.chain(
+        C.maybe_maximize(maximize),
+        None if decoupled_weight_decay else decay,
+        scale_by_adam(b1, b2, eps, amsgrad=amsgrad, segments=segments),
+        decay if decoupled_weight_decay else None,
+        optax.scale_by_learning_rate(learning_rate),
+        C.zero_masked(segments=segments),
+    )
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    weight_decay: Any = 1e-2,
+    *,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    weight_decay_mask: Any = None,
+    segments: Optional[C.FlatLayout] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdamW exactly as ``torch.optim.AdamW``: Adam with decoupled decay ``θ ← θ − ηλθ``; λ defaults to 1e-2.
+
+    .. math::
+        \theta_t = \theta_{t-1} - \eta\Big(\frac{m_t/(1-\beta_1^t)}{\sqrt{v_t}/\sqrt{1-\beta_2^t}+\epsilon}
+        + \lambda\theta_{t-1}\Big)
+
+    Note torch's default λ = 1e-2 (optax's ``adamw`` defaults to 1e-4).
+
+    References:
+      Loshchilov & Hutter 2019; PyTorch ``torch.optim.AdamW``.
+    """
+    return adam(
+        learning_rate, b1, b2, eps, weight_decay,
+        amsgrad=amsgrad, decoupled_weight_decay=True, maximize=maximize,
+        weight_decay_mask=weight_decay_mask, segments=segments,
+    )

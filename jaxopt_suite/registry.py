@@ -1,0 +1,151 @@
+"""The registry: every optimizer of the suite described once.
+
+Tests, the torch bridge, the parity runner, the benchmarks and the main job read this table instead of
+special-casing optimizer names. An entry says how to build the optimizer, which extra arguments its
+``update`` needs, which arguments are static for ``optax.inject_hyperparams``, its torch-style defaults and
+state-key names, and settings known to work on the contract problems and on the digits demo.
+
+Several entries may share one factory (e.g. two modes of ELRA, several AutoSGM configurations): the entry
+name is the unit that tests, parity rows and demo rows are keyed by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional
+
+# Import functions, not modules: the package re-exports functions named like their modules
+# (``jaxopt_suite.sgd`` is the function), so ``from . import sgd`` would not give the module.
+from .adam import adam, adamw
+from .sgd import sgd
+
+
+def _frozen(d: Optional[Mapping[str, Any]] = None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerEntry:
+    """One optimizer as the rest of the project sees it.
+
+    Attributes:
+      name: unique registry key (``"adam"``, ``"elra_dnn"``...).
+      factory: the public ``jaxopt_suite`` factory.
+      family: the module/family name (``"adam"``, ``"elra"``...).
+      kwargs: arguments that distinguish this entry from the bare factory (e.g. a mode or configuration);
+        every use of the entry passes them.
+      requires_value: ``update`` needs the keyword ``value`` (the loss).
+      static_args: argument names that ``inject_hyperparams`` must treat as static.
+      hyperparams: numeric hyperparameter names that may be injected/traced (the bridge reads these from
+        its param groups every step).
+      converge: per contract problem (``"parabola"``, ``"rosenbrock"``) the kwargs known to reach the
+        target within 10,000 steps; missing problems are not claimed.
+      demo_kwargs: settings for the digits MLP comparison (the main job).
+      torch_class: the ``torch.optim`` class reproduced exactly, if any (``"Adam"``...).
+      torch_bridge_class: name of the class in ``torch_bridge``.
+      torch_state_keys: per-parameter state keys in the torch ``state_dict``.
+      supports_complex: whether complex parameters are supported.
+      supports_segments: the factory accepts ``segments=FlatLayout`` (flat bridge path).
+      stochastic: the update uses randomness (a PRNG key in state).
+      description: one line for tables.
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    family: str
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=_frozen)
+    requires_value: bool = False
+    static_args: tuple[str, ...] = ()
+    hyperparams: tuple[str, ...] = ()
+    converge: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=_frozen)
+    demo_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=_frozen)
+    torch_class: Optional[str] = None
+    torch_bridge_class: Optional[str] = None
+    torch_state_keys: tuple[str, ...] = ()
+    supports_complex: bool = True
+    supports_segments: bool = True
+    stochastic: bool = False
+    description: str = ""
+
+    def build(self, **overrides: Any):
+        """The transformation with the entry's kwargs updated by ``overrides``."""
+        return self.factory(**{**self.kwargs, **overrides})
+
+
+_ENTRIES: dict[str, OptimizerEntry] = {}
+
+
+def register(entry: OptimizerEntry) -> OptimizerEntry:
+    """Add an entry; names are unique."""
+    if entry.name in _ENTRIES:
+        raise ValueError(f"duplicate registry entry {entry.name!r}")
+    _ENTRIES[entry.name] = entry
+    return entry
+
+
+def get(name: str) -> OptimizerEntry:
+    """The entry called ``name`` (``KeyError`` listing the known names otherwise)."""
+    try:
+        return _ENTRIES[name]
+    except KeyError:
+        raise KeyError(f"unknown optimizer {name!r}; known: {sorted(_ENTRIES)}") from None
+
+
+def names() -> list[str]:
+    """All registered names, in registration order."""
+    return list(_ENTRIES)
+
+
+def entries() -> list[OptimizerEntry]:
+    """All entries, in registration order."""
+    return list(_ENTRIES.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# torch-semantics family (torch_semantics.md)
+# ------------------------------------------------------------------------------------------------
+
+register(OptimizerEntry(
+    name="sgd",
+    factory=sgd,
+    family="sgd",
+    kwargs={"momentum": 0.9},
+    static_args=("nesterov", "maximize", "weight_decay_mask", "segments"),
+    hyperparams=("learning_rate", "momentum", "dampening", "weight_decay"),
+    converge={"parabola": {"learning_rate": 1e-2}, "rosenbrock": {"learning_rate": 1e-4}},
+    demo_kwargs={"learning_rate": 0.05, "momentum": 0.9},
+    torch_class="SGD",
+    torch_bridge_class="SGD",
+    torch_state_keys=("momentum_buffer",),
+    description="SGD with heavy-ball momentum (torch.optim.SGD)",
+))
+
+register(OptimizerEntry(
+    name="adam",
+    factory=adam,
+    family="adam",
+    static_args=("amsgrad", "decoupled_weight_decay", "maximize", "weight_decay_mask", "segments"),
+    hyperparams=("learning_rate", "b1", "b2", "eps", "weight_decay"),
+    converge={"parabola": {"learning_rate": 1e-1}, "rosenbrock": {"learning_rate": 1e-2}},
+    demo_kwargs={"learning_rate": 1e-3},
+    torch_class="Adam",
+    torch_bridge_class="Adam",
+    torch_state_keys=("step", "exp_avg", "exp_avg_sq"),
+    description="Adam, coupled L2 (torch.optim.Adam)",
+))
+
+register(OptimizerEntry(
+    name="adamw",
+    factory=adamw,
+    family="adam",
+    static_args=("amsgrad", "maximize", "weight_decay_mask", "segments"),
+    hyperparams=("learning_rate", "b1", "b2", "eps", "weight_decay"),
+    converge={"parabola": {"learning_rate": 1e-1, "weight_decay": 0.0},
+              "rosenbrock": {"learning_rate": 1e-2, "weight_decay": 0.0}},
+    demo_kwargs={"learning_rate": 1e-3},
+    torch_class="AdamW",
+    torch_bridge_class="AdamW",
+    torch_state_keys=("step", "exp_avg", "exp_avg_sq"),
+    description="AdamW, decoupled decay (torch.optim.AdamW)",
+))
