@@ -323,6 +323,11 @@ def _adopt_cases():
         [("torch_adopt", torch_adopt(lr=lr, clip_lambda=None), None)],
         adopt_tol, grid=grid_quad,
     )
+    out.append(ParityCase(
+        name="adopt_no_clip_vs_torch_adopt_mlp_f64", entry="adopt", kwargs=dict(learning_rate=lr, clip_value_fn=None),
+        reference=torch_adopt(lr=lr, clip_lambda=None), problem="mlp", dtype="float64", atol=1e-10,
+        wrong=torch_adopt(lr=lr),  # the clip fires on mlp, so the clipped rule is far away
+    ))
     return out
 
 

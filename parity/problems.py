@@ -385,8 +385,8 @@ def flax_model(problem: "Problem | str", dtype: str = "float32"):
 
     model = MLP()
     for i, layer in enumerate(model.layers, start=1):
-        layer.kernel.value = jnp.asarray(params[f"w{i}"], dtype)
-        layer.bias.value = jnp.asarray(params[f"b{i}"], dtype)
+        layer.kernel[...] = jnp.asarray(params[f"w{i}"], dtype)
+        layer.bias[...] = jnp.asarray(params[f"b{i}"], dtype)
     return model
 
 
@@ -394,8 +394,8 @@ def flax_model_params(model) -> Params:
     """The problem-layout numpy params of a :func:`flax_model` model."""
     out = {}
     for i, layer in enumerate(model.layers, start=1):
-        out[f"w{i}"] = np.asarray(layer.kernel.value)
-        out[f"b{i}"] = np.asarray(layer.bias.value)
+        out[f"w{i}"] = np.asarray(layer.kernel[...])
+        out[f"b{i}"] = np.asarray(layer.bias[...])
     return out
 
 
