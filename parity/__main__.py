@@ -23,9 +23,11 @@ def main(argv=None) -> int:
                         help="only cases whose name, entry or reference contains this string")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--family", default=None, help="only cases of this family (cases_<family>.py)")
+    parser.add_argument("--backend", action="append", choices=["jax", "bridge_flat", "bridge_simple"],
+                        help="only these implementations of ours (repeatable; default: all)")
     args = parser.parse_args(argv)
 
-    cases = discover(args.keyword)
+    cases = discover(args.keyword, backends=args.backend)
     if args.family:
         cases = [c for c in cases if c.family == args.family]
     if args.list:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .references import optax_lookahead, optax_tx, po, po_lookahead, torch_adopt, torch_optim
+from .references import TorchReference, optax_lookahead, optax_tx, po, po_lookahead, torch_adopt, torch_optim
 from .runner import ParityCase
 
 STEPS = 100
@@ -48,13 +48,18 @@ def _optax_adam_tol(problem, dtype):
     return 1e-13 if dtype == "float64" else 2e-5
 
 
+BRIDGE_REFS = ("torch", "torch_adopt")
+
+
 def _rows(stem, entry, kwargs, refs, tol, *, grid=GRID, wrong=None, problem_suffix="", steps=STEPS,
-          known_issue=None, **extra):
+          known_issue=None, bridge=True, **extra):
     """One case per (problem, dtype) in ``grid`` and per ``(label, reference, tol_fn)`` in ``refs``.
 
     The known-wrong variant is attached to the first reference of each (problem, dtype) only: it measures
     the distance from *our* trajectory, which all references of that problem and dtype share.
-    ``known_issue(label, problem, dtype)`` may return the text of a documented failure.
+    ``known_issue(label, problem, dtype)`` may return the text of a documented failure. Rows against a
+    reference with torch's signature (labels in ``BRIDGE_REFS``) are also run through the torch bridge
+    with the same constructor kwargs, unless ``bridge=False``.
     """
     out = []
     for problem, dtype in grid:
@@ -70,6 +75,8 @@ def _rows(stem, entry, kwargs, refs, tol, *, grid=GRID, wrong=None, problem_suff
                 atol=(tol_fn or tol)(problem, dtype),
                 wrong=wrong if i == 0 else None,
                 known_issue=(known_issue(label, problem, dtype) if known_issue else "") or "",
+                bridge_kwargs=(dict(ref.kwargs) if bridge and label in BRIDGE_REFS
+                               and isinstance(ref, TorchReference) else None),
                 **extra,
             ))
     return out
@@ -117,6 +124,7 @@ def _sgd_cases():
         reference=torch_optim("SGD", lr=lr, momentum=0.9, dampening=0.5, weight_decay=0.1),
         problem="quad", dtype="float64", steps=20, atol=1e-13, none_grads={1: ("b",)},
         check=_skipped_leaf_unchanged("b", 1),
+        bridge_kwargs=dict(lr=lr, momentum=0.9, dampening=0.5, weight_decay=0.1),
         note="b has a None gradient at step 2; its params and state stay put",
     ))
     return out
@@ -446,7 +454,7 @@ def _asgd_cases():
     out += _rows(
         "asgd_momentum", "asgd", dict(learning_rate=lr_m, lambd=0.0, momentum=0.9, weight_decay=1e-3),
         [("torch_sgd", torch_optim("SGD", lr=lr_m, momentum=0.9, weight_decay=1e-3), None)],
-        _sgd_tol,
+        _sgd_tol, bridge=False,
         wrong=torch_optim("SGD", lr=lr_m, momentum=0.9, dampening=0.1, weight_decay=1e-3),
     )
     return out

@@ -16,6 +16,7 @@ Kinds of references:
 * :func:`optax_tx` / :func:`optax_lookahead` — an optax transformation (chains, ``optax.contrib.adopt``...);
 * :func:`torch_adopt` — the official ADOPT package (``torch-adopt``);
 * :func:`po` / :func:`po_lookahead` — pytorch_optimizer classes;
+* :func:`bridge` — a ``torch_bridge`` class (our optimizers as ``torch.optim.Optimizer``), flat or simple path;
 * :class:`TorchReference` / :class:`OptaxReference` for anything else (a builder callable).
 
 This module and ``tests/`` are the only places where the external references are imported.
@@ -261,7 +262,7 @@ def _torch_default_dtype(dtype: Optional[str]):
 class _TorchSide(Side):
     framework = "torch"
 
-    def __init__(self, label, build, params, dtype, *, state_keys=(), default_dtype=None):
+    def __init__(self, label, build, params, dtype, *, state_keys=(), default_dtype=None, pass_value=False):
         import torch
 
         self.label = label
@@ -270,18 +271,21 @@ class _TorchSide(Side):
         with _torch_default_dtype(default_dtype):
             self._opt = build(list(self._params.values()))
         self._state_keys = tuple(state_keys)
+        self._pass_value = pass_value
         self._torch = torch
 
     def params(self):
         return self._params
 
     def step(self, grads, value=None):
-        del value  # torch.optim references take no loss
         for k, p in self._params.items():
             g = grads[k]
             p.grad = None if g is None else g.detach().clone()
         with _torch_default_dtype(self._default_dtype):
-            self._opt.step()
+            if self._pass_value:  # loss-driven optimizers of the bridge take ``step(value=loss)``
+                self._opt.step(value=value)
+            else:
+                self._opt.step()
 
     def observe(self):
         out = P.to_numpy(self._params)
@@ -305,6 +309,7 @@ class TorchReference(Reference):
     build: Callable[[list], Any] = None
     state_keys: tuple[str, ...] = ()
     default_dtype: Optional[str] = None
+    pass_value: bool = False
 
     @property
     def framework(self) -> str:
@@ -312,7 +317,7 @@ class TorchReference(Reference):
 
     def make(self, params, dtype):
         return _TorchSide(self.name, self.build, params, dtype, state_keys=self.state_keys,
-                          default_dtype=self.default_dtype)
+                          default_dtype=self.default_dtype, pass_value=self.pass_value)
 
 
 def _with_single_tensor_path(cls, kwargs: dict) -> dict:
@@ -372,3 +377,21 @@ def po_lookahead(inner: TorchReference, **kwargs) -> TorchReference:
     return TorchReference(name=f"PO.Lookahead[{inner.name}]",
                           kwargs=MappingProxyType({**kwargs, **dict(inner.kwargs)}), build=build)
 
+
+
+def bridge(cls_name: str, *, flat: bool = True, pass_value: bool = False, state_keys: Sequence[str] = (),
+           **kwargs) -> TorchReference:
+    """``torch_bridge.<cls_name>(params, flat=flat, **kwargs)``: our optimizer behind torch's signature.
+
+    ``flat=True`` is the bridge's packed-buffer path, ``flat=False`` its per-tensor (simple) path. float64
+    params need x64, which the runner enables for float64 cases.
+    """
+
+    def build(params):
+        import torch_bridge
+
+        return getattr(torch_bridge, cls_name)(params, flat=flat, **kwargs)
+
+    path = "flat" if flat else "simple"
+    return TorchReference(name=f"torch_bridge.{cls_name}[{path}]", kwargs=MappingProxyType(kwargs), build=build,
+                          state_keys=tuple(state_keys), pass_value=pass_value)

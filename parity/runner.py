@@ -56,6 +56,11 @@ class ParityCase:
       check: optional ``(result) -> None`` raising ``AssertionError`` for case-specific properties (e.g.
         "clipping fired"); it sees the full trajectories.
       requires: extra registry entries the case needs (besides ``entry``).
+      bridge_kwargs: torch-style constructor kwargs of the entry's ``torch_bridge_class``; when given,
+        discovery adds the same comparison with our side run through the torch bridge (flat and simple
+        paths), as cases named ``<name>@bridge_flat`` / ``<name>@bridge_simple``.
+      backend: which of our implementations is compared: ``"jax"`` (the registry entry as a jitted JAX
+        step), ``"bridge_flat"`` or ``"bridge_simple"`` (set by discovery).
       known_issue: non-empty when the case is known to fail (the text says why); it is then reported as
         ``XFAIL``, and as ``XPASS`` (an error) once it passes, so the marker gets removed.
       family: the case module's family (filled in by discovery).
@@ -77,6 +82,8 @@ class ParityCase:
     none_grads: Mapping[int, tuple[str, ...]] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     check: Optional[Callable[["ParityResult"], None]] = None
     requires: tuple[str, ...] = ()
+    bridge_kwargs: Optional[Mapping[str, Any]] = None
+    backend: str = "jax"
     known_issue: str = ""
     family: str = ""
     note: str = ""
@@ -90,7 +97,18 @@ class ParityCase:
 
     @property
     def ours(self) -> Reference:
-        return suite(self.entry, self.kwargs, extras=self.extras)
+        if self.backend == "jax":
+            return suite(self.entry, self.kwargs, extras=self.extras)
+        from jaxopt_suite import registry
+
+        from .references import bridge
+
+        entry = registry.get(self.entry)
+        if entry.torch_bridge_class is None:
+            raise ValueError(f"registry entry {self.entry!r} has no torch_bridge_class")
+        return bridge(entry.torch_bridge_class, flat=self.backend == "bridge_flat",
+                      pass_value=entry.requires_value, state_keys=getattr(self.reference, "state_keys", ()),
+                      **dict(self.bridge_kwargs or {}))
 
     def missing(self) -> Optional[str]:
         """Why the case cannot run here (a registry entry is not registered), or ``None``."""
@@ -99,6 +117,16 @@ class ParityCase:
         absent = [n for n in (self.entry, *self.requires) if n not in registry.names()]
         if absent:
             return f"registry entry {', '.join(map(repr, absent))} not registered"
+        if self.backend != "jax":
+            cls = registry.get(self.entry).torch_bridge_class
+            if cls is None:
+                return f"registry entry {self.entry!r} has no torch_bridge_class"
+            try:
+                import torch_bridge
+            except ModuleNotFoundError:
+                return "torch_bridge is not available"
+            if not hasattr(torch_bridge, cls):
+                return f"torch_bridge has no class {cls!r}"
         return None
 
     def tolerance_str(self) -> str:
@@ -220,7 +248,7 @@ class _OursCache:
 
     def get(self, case: ParityCase):
         kwargs_key = id(case.kwargs) if callable(case.kwargs) else repr(sorted(dict(case.kwargs).items()))
-        key = (case.entry, kwargs_key, case.problem, case.dtype, case.steps,
+        key = (case.backend, case.entry, kwargs_key, case.problem, case.dtype, case.steps,
                tuple(sorted((k, tuple(v)) for k, v in case.none_grads.items())), id(case.extras))
         if key not in self._store:
             self._store[key] = drive(case.ours, case.problem, case.dtype, case.steps, case.none_grads)
@@ -278,6 +306,9 @@ def run_case(case: ParityCase, *, cache: Optional[_OursCache] = None) -> ParityR
 # --------------------------------------------------------------------------------------------------
 
 
+BRIDGE_BACKENDS = ("bridge_flat", "bridge_simple")
+
+
 def case_modules() -> list[str]:
     """Names of the ``parity.cases_<family>`` modules, sorted."""
     import parity
@@ -287,10 +318,12 @@ def case_modules() -> list[str]:
     )
 
 
-def discover(keyword: Optional[str] = None) -> list[ParityCase]:
-    """Every case of every ``parity/cases_<family>.py`` (optionally only names containing ``keyword``).
+def discover(keyword: Optional[str] = None, *, backends: Optional[Sequence[str]] = None) -> list[ParityCase]:
+    """Every case of every ``parity/cases_<family>.py`` (optionally only names containing ``keyword``, and
+    only the given ``backends`` of ours: ``"jax"``, ``"bridge_flat"``, ``"bridge_simple"``).
 
-    A module exposes ``CASES`` (list) and/or ``cases()`` (returning a list). Names must be unique.
+    A module exposes ``CASES`` (list) and/or ``cases()`` (returning a list). Names must be unique. Cases
+    with ``bridge_kwargs`` are repeated for each bridge backend.
     """
     found: list[ParityCase] = []
     seen: dict[str, str] = {}
@@ -306,9 +339,16 @@ def discover(keyword: Optional[str] = None) -> list[ParityCase]:
             if case.name in seen:
                 raise ValueError(f"duplicate parity case {case.name!r} in {module_name} and {seen[case.name]}")
             seen[case.name] = module_name
-            found.append(dataclasses.replace(case, family=case.family or family))
+            case = dataclasses.replace(case, family=case.family or family)
+            found.append(case)
+            if case.bridge_kwargs is not None and case.backend == "jax":
+                for backend in BRIDGE_BACKENDS:
+                    found.append(dataclasses.replace(case, name=f"{case.name}@{backend}", backend=backend,
+                                                     extras=None))
     if keyword:
         found = [c for c in found if keyword in c.name or keyword in c.entry or keyword in c.reference.name]
+    if backends is not None:
+        found = [c for c in found if c.backend in backends]
     return found
 
 
