@@ -147,3 +147,13 @@ def test_bad_hyperparameters(kwargs, name):
         sgd(**kwargs)
     msg = str(err.value)
     assert "allowed range" in msg or "requires" in msg
+
+
+def test_inject_hyperparams_with_bfloat16_params():
+    """inject_hyperparams casts hyperparameters to the params' dtype; bf16 values must pass validation."""
+    tx = optax.inject_hyperparams(sgd)(learning_rate=0.1, momentum=0.9, weight_decay=1e-2)
+    params = [jnp.ones(3, jnp.bfloat16)]
+    state = tx.init(params)
+    assert state.hyperparams["learning_rate"].dtype == jnp.bfloat16
+    u, _ = tx.update([jnp.ones(3, jnp.bfloat16)], state, params)
+    assert u[0].dtype == jnp.bfloat16
