@@ -63,7 +63,8 @@ def check_range(
     if value is None or not is_concrete(value):
         return
     arr = np.asarray(value)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+    # jnp.issubdtype also knows the ml_dtypes floats (bfloat16, float8...) that inject_hyperparams may pass
+    if arr.dtype == bool or not jnp.issubdtype(arr.dtype, jnp.number):
         raise ValueError(f"Invalid {name}: {value!r}; expected a real number.")
     low = f"[{ge}" if ge is not None else (f"({gt}" if gt is not None else "(-inf")
     high = f"{le}]" if le is not None else (f"{lt})" if lt is not None else "inf)")

@@ -9,7 +9,7 @@ import torch
 
 from jaxopt_suite import AdamState, adam, adamw  # noqa: E402
 from tests.jaxopt_suite.torch_family_utils import (  # noqa: E402
-    JaxSide, TorchSide, compare, find_state, flat_vs_tree, precision,
+    JaxSide, TorchSide, compare, compare_scheduled, find_state, flat_vs_tree, precision,
 )
 
 LR = 1e-2
@@ -154,3 +154,20 @@ def test_bad_hyperparameters(factory, kwargs, name):
     with pytest.raises(ValueError, match=name) as err:
         factory(**kwargs)
     assert "allowed range" in str(err.value)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_torch_schedulers_through_inject_hyperparams(schedule):
+    """CosineAnnealingLR moves lr; OneCycleLR also moves β1 (cycle_momentum), which we read every step."""
+    steps = 60
+    with precision("f64"):
+        ours = JaxSide(optax.inject_hyperparams(adamw, hyperparam_dtype=jnp.float64)(LR, weight_decay=0.1),
+                       "mlp", "f64")
+        ref = TorchSide(lambda p: T.AdamW(p, lr=LR, weight_decay=0.1, foreach=False), "mlp", "f64")
+        if schedule == "cosine":
+            sched = T.lr_scheduler.CosineAnnealingLR(ref.opt, T_max=steps)
+        else:
+            sched = T.lr_scheduler.OneCycleLR(ref.opt, max_lr=5 * LR, total_steps=steps + 1)
+        read = lambda g: {"learning_rate": g["lr"], "b1": g["betas"][0], "b2": g["betas"][1]}  # noqa: E731
+        diff = compare_scheduled(ours, ref, sched, read, steps=steps)
+    assert diff <= TOL64, diff

@@ -198,3 +198,18 @@ def test_structural_flags_must_be_bools():
         adopt(decouple=1)
     with pytest.raises(TypeError, match="maximize"):
         adopt(maximize="yes")
+
+
+def test_inject_hyperparams_with_a_custom_clip_function():
+    """clip_value_fn is a callable, so it must be static for inject_hyperparams (as the registry lists it)."""
+    clip = lambda s: 0.5 * s**0.5  # noqa: E731
+    with precision("f64"):
+        plain = JaxSide(adopt(LR, b2=0.99, clip_value_fn=clip), "mlp", "f64")
+        injected = JaxSide(optax.inject_hyperparams(adopt, static_args=("clip_value_fn",),
+                                                    hyperparam_dtype=jnp.float64)(LR, b2=0.99, clip_value_fn=clip),
+                           "mlp", "f64")
+        same = compare(plain, injected, steps=20)
+        other = compare(JaxSide(adopt(LR, b2=0.99), "mlp", "f64"),
+                        JaxSide(adopt(LR, b2=0.99, clip_value_fn=clip), "mlp", "f64"), steps=20)
+    assert same <= 1e-15, same  # traced b2 vs a Python constant: 1 − β2 may round once differently
+    assert other > 1e-6, other

@@ -14,7 +14,7 @@ from jaxopt_suite import (  # noqa: E402
     lookahead_slow_params, sgd,
 )
 from tests.jaxopt_suite.torch_family_utils import (  # noqa: E402
-    JaxSide, TorchSide, compare, find_state, max_diff, precision,
+    JaxSide, TorchSide, compare, find_state, flat_vs_tree, max_diff, precision,
 )
 
 K, ALPHA = 5, 0.8  # α ≠ 0.5: at 0.5 the swapped convention would give identical results
@@ -258,3 +258,14 @@ def test_update_requires_params():
     params = [jnp.ones(3)]
     with pytest.raises(ValueError, match="params"):
         tx.update(params, tx.init(params))
+
+
+def test_flat_layout_matches_pytree():
+    masks = lambda t: [True, t % 3 != 1]  # noqa: E731
+    with precision("f64"):
+        diff, pad, state = flat_vs_tree(
+            lambda segments: lookahead_adam(1e-2, weight_decay=0.1, sync_period=3, slow_step_size=ALPHA,
+                                            segments=segments), masks=masks)
+    assert diff <= 1e-12, diff
+    assert pad == 0.0, pad
+    assert np.asarray(find_state(state, AdamState).count[0]).tolist() == [30, 20, 30]

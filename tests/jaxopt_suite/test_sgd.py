@@ -8,7 +8,7 @@ import torch
 
 from jaxopt_suite import SGDState, sgd  # noqa: E402
 from tests.jaxopt_suite.torch_family_utils import (  # noqa: E402
-    JaxSide, TorchSide, compare, find_state, flat_vs_tree, precision,
+    JaxSide, TorchSide, compare, compare_scheduled, find_state, flat_vs_tree, precision,
 )
 
 LR, MU = 0.05, 0.9
@@ -147,3 +147,30 @@ def test_bad_hyperparameters(kwargs, name):
         sgd(**kwargs)
     msg = str(err.value)
     assert "allowed range" in msg or "requires" in msg
+
+
+def test_inject_hyperparams_with_bfloat16_params():
+    """inject_hyperparams casts hyperparameters to the params' dtype; bf16 values must pass validation."""
+    tx = optax.inject_hyperparams(sgd)(learning_rate=0.1, momentum=0.9, weight_decay=1e-2)
+    params = [jnp.ones(3, jnp.bfloat16)]
+    state = tx.init(params)
+    assert state.hyperparams["learning_rate"].dtype == jnp.bfloat16
+    u, _ = tx.update([jnp.ones(3, jnp.bfloat16)], state, params)
+    assert u[0].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_torch_schedulers_through_inject_hyperparams(schedule):
+    """CosineAnnealingLR with Nesterov SGD; OneCycleLR also moves the momentum, which we read every step."""
+    steps = 60
+    with precision("f64"):
+        ours = JaxSide(optax.inject_hyperparams(sgd, static_args=("nesterov",), hyperparam_dtype=jnp.float64)(
+            LR, MU, weight_decay=0.1, nesterov=True), "mlp", "f64")
+        ref = TorchSide(torch_sgd(momentum=MU, weight_decay=0.1, nesterov=True), "mlp", "f64")
+        if schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref.opt, T_max=steps)
+        else:
+            sched = torch.optim.lr_scheduler.OneCycleLR(ref.opt, max_lr=2 * LR, total_steps=steps + 1)
+        read = lambda g: {"learning_rate": g["lr"], "momentum": g["momentum"]}  # noqa: E731
+        diff = compare_scheduled(ours, ref, sched, read, steps=steps)
+    assert diff <= TOL64, diff

@@ -296,3 +296,19 @@ def find_state(state, cls):
         if found is not None:
             return found
     return None
+
+
+def compare_scheduled(ours: JaxSide, ref: TorchSide, scheduler, read_group: Callable[[dict], dict],
+                      steps: int = 100) -> float:
+    """Like :func:`compare`, with a torch LR scheduler driving the reference; before each step the values of
+    ``read_group(param_group)`` are written into our ``inject_hyperparams`` state (as the bridge does)."""
+    worst = 0.0
+    for _ in range(steps):
+        for name, value in read_group(ref.opt.param_groups[0]).items():
+            old = ours.state.hyperparams[name]
+            ours.state.hyperparams[name] = jnp.asarray(value, old.dtype)
+        ours.step()
+        ref.step()
+        scheduler.step()
+        worst = max(worst, max_diff(ours.fast(), ref.fast()))
+    return worst
