@@ -61,6 +61,7 @@ class ParityCase:
         paths), as cases named ``<name>@bridge_flat`` / ``<name>@bridge_simple``.
       backend: which of our implementations is compared: ``"jax"`` (the registry entry as a jitted JAX
         step), ``"bridge_flat"`` or ``"bridge_simple"`` (set by discovery).
+      slow: excluded from the default test run (pytest ``-m 'not slow'``); ``python -m parity`` runs it.
       known_issue: non-empty when the case is known to fail (the text says why); it is then reported as
         ``XFAIL``, and as ``XPASS`` (an error) once it passes, so the marker gets removed.
       family: the case module's family (filled in by discovery).
@@ -84,6 +85,7 @@ class ParityCase:
     requires: tuple[str, ...] = ()
     bridge_kwargs: Optional[Mapping[str, Any]] = None
     backend: str = "jax"
+    slow: bool = False
     known_issue: str = ""
     family: str = ""
     note: str = ""
