@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from parity.runner import ParityResult, _OursCache, discover, run_case
+from parity.runner import ParityResult, TrajectoryCache, discover, run_case
 
 CASES = discover()
-_CACHE = _OursCache()
+_CACHE = TrajectoryCache()
 _RESULTS: dict[str, ParityResult] = {}
 
 
