@@ -23,6 +23,7 @@ def main(argv=None) -> int:
                         help="only cases whose name, entry or reference contains this string")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--family", default=None, help="only cases of this family (cases_<family>.py)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also print skipped cases one by one")
     parser.add_argument("--backend", action="append", choices=["jax", "bridge_flat", "bridge_simple"],
                         help="only these implementations of ours (repeatable; default: all)")
     args = parser.parse_args(argv)
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     print("-" * len(header))
 
     def show(r):
+        if r.status == "SKIP" and not args.verbose:
+            return
         c = r.case
         ratio = "-"
         if r.wrong_abs is not None:
@@ -58,6 +61,12 @@ def main(argv=None) -> int:
     results = run_all(cases, on_result=show)
     counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "ERROR", "XFAIL", "XPASS", "SKIP")}
     print("-" * len(header))
+    skipped = {}
+    for r in results:
+        if r.status == "SKIP":
+            skipped.setdefault(r.reason, []).append(r.case.name)
+    for reason, names in skipped.items():
+        print(f"SKIP {len(names):3d} case(s): {reason}" + ("" if args.verbose else f"  (e.g. {names[0]})"))
     print(f"{len(results)} cases: " + ", ".join(f"{n} {s}" for s, n in counts.items())
           + f" in {time.perf_counter() - t0:.1f} s")
     return 1 if counts["FAIL"] or counts["ERROR"] or counts["XPASS"] else 0

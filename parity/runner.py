@@ -2,9 +2,10 @@
 
 A :class:`ParityCase` names one of our registry entries (with kwargs), one reference, a problem, a dtype,
 a number of steps and a tolerance. :func:`run_case` builds both sides on the problem's initial params and
-steps them in lockstep; at every step each side computes its own gradient from its own params (numpy
-float64 for ``quad``/``rosenbrock``, its framework's autograd for the MLPs). After every step the
-observed quantities (params, plus extras such as averaged weights) are compared:
+steps each of them; at every step a side computes its own gradient from its own params (numpy float64 for
+``quad``/``rosenbrock``, its framework's autograd for the MLPs), so the sides never exchange anything and
+run one after the other. After every step the observed quantities (params, plus extras such as averaged
+weights) are recorded, and the trajectories are compared:
 
 * ``max_abs`` = max over steps, leaves and elements of ``|ours − reference|``;
 * ``max_rel`` = max over steps and leaves of ``max|ours − reference| / max|reference|``.
@@ -61,6 +62,7 @@ class ParityCase:
         paths), as cases named ``<name>@bridge_flat`` / ``<name>@bridge_simple``.
       backend: which of our implementations is compared: ``"jax"`` (the registry entry as a jitted JAX
         step), ``"bridge_flat"`` or ``"bridge_simple"`` (set by discovery).
+      slow: excluded from the default test run (pytest ``-m 'not slow'``); ``python -m parity`` runs it.
       known_issue: non-empty when the case is known to fail (the text says why); it is then reported as
         ``XFAIL``, and as ``XPASS`` (an error) once it passes, so the marker gets removed.
       family: the case module's family (filled in by discovery).
@@ -84,6 +86,7 @@ class ParityCase:
     requires: tuple[str, ...] = ()
     bridge_kwargs: Optional[Mapping[str, Any]] = None
     backend: str = "jax"
+    slow: bool = False
     known_issue: str = ""
     family: str = ""
     note: str = ""
@@ -239,23 +242,25 @@ def max_diff(ours: Sequence[Mapping[str, np.ndarray]], ref: Sequence[Mapping[str
     return max(p[0] for p in pairs), max(p[1] for p in pairs)
 
 
-class _OursCache:
-    """Our side's trajectory for one (entry, kwargs, problem, dtype, steps, none_grads, extras) is computed
-    once per :func:`run_all` and shared by the cases that compare it with different references."""
+class TrajectoryCache:
+    """Our side's trajectory for one configuration (backend, entry, kwargs, problem, dtype, steps,
+    none_grads, extras) is computed once and shared by the cases that compare it with several references."""
 
     def __init__(self):
         self._store: dict = {}
 
     def get(self, case: ParityCase):
         kwargs_key = id(case.kwargs) if callable(case.kwargs) else repr(sorted(dict(case.kwargs).items()))
-        key = (case.backend, case.entry, kwargs_key, case.problem, case.dtype, case.steps,
+        bridge_key = None if case.backend == "jax" else (
+            repr(sorted(dict(case.bridge_kwargs or {}).items())), getattr(case.reference, "state_keys", ()))
+        key = (case.backend, case.entry, kwargs_key, bridge_key, case.problem, case.dtype, case.steps,
                tuple(sorted((k, tuple(v)) for k, v in case.none_grads.items())), id(case.extras))
         if key not in self._store:
             self._store[key] = drive(case.ours, case.problem, case.dtype, case.steps, case.none_grads)
         return self._store[key]
 
 
-def run_case(case: ParityCase, *, cache: Optional[_OursCache] = None) -> ParityResult:
+def run_case(case: ParityCase, *, cache: Optional[TrajectoryCache] = None) -> ParityResult:
     """Drive our side, the reference and the known-wrong variant on the case's problem and compare."""
     result = ParityResult(case=case)
     reason = case.missing()
@@ -264,7 +269,7 @@ def run_case(case: ParityCase, *, cache: Optional[_OursCache] = None) -> ParityR
         return result
     t0 = time.perf_counter()
     try:
-        ours_side, ours = (cache or _OursCache()).get(case)
+        ours_side, ours = (cache or TrajectoryCache()).get(case)
         ref_side, ref = drive(case.reference, case.problem, case.dtype, case.steps, case.none_grads)
         result.max_abs, result.max_rel = max_diff(ours, ref)
         if case.wrong is not None:
@@ -356,7 +361,7 @@ def run_all(cases: Sequence[ParityCase], *, on_result: Optional[Callable[[Parity
     """Run ``cases`` in order, sharing our side's trajectories between cases (trajectories and live sides
     are dropped from the returned results)."""
     results = []
-    cache = _OursCache()
+    cache = TrajectoryCache()
     for case in cases:
         res = run_case(case, cache=cache)
         res.ours_side = res.ref_side = None

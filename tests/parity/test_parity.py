@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from parity.runner import ParityResult, _OursCache, discover, run_case
+from parity.runner import ParityResult, TrajectoryCache, discover, run_case
 
 CASES = discover()
-_CACHE = _OursCache()
+_CACHE = TrajectoryCache()
 _RESULTS: dict[str, ParityResult] = {}
 
 
 def _marks(case):
-    marks = []
+    marks = [pytest.mark.slow] if case.slow else []
     if case.known_issue:
         marks.append(pytest.mark.xfail(reason=case.known_issue, strict=True))
     return marks
@@ -51,7 +51,8 @@ def test_parity(case):
 SENSITIVE = [c for c in CASES if c.wrong is not None]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in SENSITIVE])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else [])
+                                  for c in SENSITIVE])
 def test_sensitivity(case):
     res = _result(case)
     tol = case.atol if case.atol is not None else case.rtol
