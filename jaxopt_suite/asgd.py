@@ -53,7 +53,8 @@ class ASGDState(NamedTuple):
 
 def _wide_dtype():
     """float64 when x64 is on (torch forms η and μ in double before rounding), else float32."""
-    return jnp.zeros((), jnp.float64).dtype
+    # ``float`` canonicalises to float64 only when x64 is on (no truncation warning, unlike asking for float64).
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def scale_by_asgd(
