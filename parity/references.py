@@ -380,11 +380,12 @@ def po_lookahead(inner: TorchReference, **kwargs) -> TorchReference:
 
 
 def bridge(cls_name: str, *, flat: bool = True, pass_value: bool = False, state_keys: Sequence[str] = (),
-           **kwargs) -> TorchReference:
+           default_dtype: Optional[str] = None, **kwargs) -> TorchReference:
     """``torch_bridge.<cls_name>(params, flat=flat, **kwargs)``: our optimizer behind torch's signature.
 
     ``flat=True`` is the bridge's packed-buffer path, ``flat=False`` its per-tensor (simple) path. float64
-    params need x64, which the runner enables for float64 cases.
+    params need x64, which the runner enables for float64 cases. ``default_dtype`` runs it under that torch
+    default dtype (as torch's ASGD, the bridge picks its scalar dtype from it).
     """
 
     def build(params):
@@ -394,4 +395,4 @@ def bridge(cls_name: str, *, flat: bool = True, pass_value: bool = False, state_
 
     path = "flat" if flat else "simple"
     return TorchReference(name=f"torch_bridge.{cls_name}[{path}]", kwargs=MappingProxyType(kwargs), build=build,
-                          state_keys=tuple(state_keys), pass_value=pass_value)
+                          state_keys=tuple(state_keys), pass_value=pass_value, default_dtype=default_dtype)

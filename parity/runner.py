@@ -111,7 +111,7 @@ class ParityCase:
             raise ValueError(f"registry entry {self.entry!r} has no torch_bridge_class")
         return bridge(entry.torch_bridge_class, flat=self.backend == "bridge_flat",
                       pass_value=entry.requires_value, state_keys=getattr(self.reference, "state_keys", ()),
-                      **dict(self.bridge_kwargs or {}))
+                      default_dtype=getattr(self.reference, "default_dtype", None), **dict(self.bridge_kwargs or {}))
 
     def missing(self) -> Optional[str]:
         """Why the case cannot run here (a registry entry is not registered), or ``None``."""
@@ -252,7 +252,8 @@ class TrajectoryCache:
     def get(self, case: ParityCase):
         kwargs_key = id(case.kwargs) if callable(case.kwargs) else repr(sorted(dict(case.kwargs).items()))
         bridge_key = None if case.backend == "jax" else (
-            repr(sorted(dict(case.bridge_kwargs or {}).items())), getattr(case.reference, "state_keys", ()))
+            repr(sorted(dict(case.bridge_kwargs or {}).items())), getattr(case.reference, "state_keys", ()),
+            getattr(case.reference, "default_dtype", None))
         key = (case.backend, case.entry, kwargs_key, bridge_key, case.problem, case.dtype, case.steps,
                tuple(sorted((k, tuple(v)) for k, v in case.none_grads.items())), id(case.extras))
         if key not in self._store:
