@@ -165,6 +165,7 @@ register(OptimizerEntry(
 # ADOPT (torch_semantics.md §4): the official torch-adopt 0.1.0 rule.
 register(OptimizerEntry(
     name="adopt",
+    supports_grad_mask=True,
     factory=adopt,
     family="adopt",
     static_args=("decouple", "clip_value_fn", "maximize", "segments"),
@@ -181,6 +182,7 @@ register(OptimizerEntry(
 # momentum variant is its own entry; the bridge maps torch's ``momentum=0.0`` to the first one.
 register(OptimizerEntry(
     name="asgd",
+    supports_grad_mask=True,
     factory=asgd,
     family="asgd",
     static_args=("maximize", "scalar_dtype", "segments"),
@@ -195,6 +197,7 @@ register(OptimizerEntry(
 
 register(OptimizerEntry(
     name="asgd_momentum",
+    supports_grad_mask=True,
     factory=asgd,
     family="asgd",
     kwargs={"momentum": 0.9},
@@ -213,6 +216,7 @@ register(OptimizerEntry(
 # trace and the bridge can read from a param group (its ``k``/``alpha`` map to sync_period/slow_step_size).
 register(OptimizerEntry(
     name="lookahead_sgd",
+    supports_grad_mask=True,
     factory=lookahead_sgd,
     family="lookahead",
     kwargs={"momentum": 0.9},
@@ -227,6 +231,7 @@ register(OptimizerEntry(
 
 register(OptimizerEntry(
     name="lookahead_adam",
+    supports_grad_mask=True,
     factory=lookahead_adam,
     family="lookahead",
     static_args=("amsgrad", "decoupled_weight_decay", "maximize", "reset", "weight_decay_mask", "segments"),
