@@ -88,7 +88,7 @@ from jaxopt_suite._common import FlatLayout
 
 from . import dlpack
 
-__all__ = ["JaxOptimizer", "StepSpec", "compiled_step_cache_size"]
+__all__ = ["JaxOptimizer", "StepSpec", "compiled_step_cache_size", "entry_info"]
 
 SIMPLE_PATH_WARN_LEAVES = 400
 
@@ -102,17 +102,28 @@ SIMPLE_PATH_WARN_LEAVES = 400
 class StepSpec:
     """Everything static about a compiled step: registry entry, structural kwargs and flat layout."""
 
-    entry: str
+    entry: Any  # a registry name, or a hashable factory callable (kwargs -> transformation)
     static: tuple[tuple[str, Hashable], ...]
     segments: Optional[FlatLayout] = None
 
     def transformation(self, hyper: Mapping[str, Any]):
-        entry = registry.get(self.entry)
+        build = registry.get(self.entry).build if isinstance(self.entry, str) else self.entry
         kwargs = dict(self.static)
         kwargs.update(hyper)
         if self.segments is not None:
             kwargs["segments"] = self.segments
-        return entry.build(**kwargs)
+        return build(**kwargs)
+
+
+def entry_info(entry) -> tuple[bool, bool]:
+    """``(requires_value, supports_segments)`` of a registry name or a factory callable.
+
+    A factory callable may carry ``requires_value`` / ``supports_segments`` attributes (default False/True).
+    """
+    if isinstance(entry, str):
+        e = registry.get(entry)
+        return e.requires_value, e.supports_segments
+    return bool(getattr(entry, "requires_value", False)), bool(getattr(entry, "supports_segments", True))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -712,11 +723,10 @@ class JaxOptimizer(torch.optim.Optimizer):
         name = optimizer or self.entry_name
         if name is None:
             raise ValueError("JaxOptimizer needs a registry entry name, e.g. JaxOptimizer(params, 'adam')")
-        entry = registry.get(name)
         self._entry_name = name
         self._generic = defaults is None
         if defaults is None:
-            defaults = _generic_defaults(entry, hyperparams)
+            defaults = _generic_defaults(registry.get(name), hyperparams)
         elif hyperparams:
             raise TypeError(f"unexpected arguments {sorted(hyperparams)}")
         self.flat = bool(flat)
@@ -725,7 +735,8 @@ class JaxOptimizer(torch.optim.Optimizer):
         self.state = _LazyState(self, dict.items(self.state))
 
     # ---- subclass hooks -----------------------------------------------------------------------
-    def _entry_for_group(self, group: Mapping[str, Any]) -> str:
+    def _entry_for_group(self, group: Mapping[str, Any]):
+        """The registry name (or hashable factory callable, see :class:`StepSpec`) used for ``group``."""
         return self._entry_name
 
     def _hyperparams(self, group: Mapping[str, Any]) -> dict[str, float]:
@@ -824,8 +835,8 @@ class JaxOptimizer(torch.optim.Optimizer):
         params = list(group["params"])
         for p in params:
             dlpack.check_dtype(p)
-        entry = registry.get(self._entry_for_group(group))
-        flat_ok = [self.flat and entry.supports_segments and _flat_candidate(p) for p in params]
+        _, supports_segments = entry_info(self._entry_for_group(group))
+        flat_ok = [self.flat and supports_segments and _flat_candidate(p) for p in params]
         _exclude_overlaps(params, flat_ok)
         buffers = []
         if self.elementwise:
@@ -912,11 +923,11 @@ class JaxOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for index, (rt, group) in enumerate(zip(self._runtime, self.param_groups)):
                 entry_name = self._entry_for_group(group)
-                entry = registry.get(entry_name)
+                requires_value, _ = entry_info(entry_name)
                 hyper = self._hyperparams(group)
                 static = tuple(sorted(self._static_config(group).items()))
                 v = None
-                if entry.requires_value:
+                if requires_value:
                     if value is None:
                         raise RuntimeError(
                             f"{type(self).__name__} needs the loss: call step(closure) or step(value=loss)")
