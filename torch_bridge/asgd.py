@@ -36,7 +36,7 @@ class ASGD(JaxOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
-        self.scalar_dtype = "float64" if torch.get_default_dtype() == torch.float64 else "float32"
+        self.scalar_dtype = None  # torch's scalar dtype, fixed at the first step as torch creates its state
         defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable,
                         momentum=momentum)
@@ -53,6 +53,8 @@ class ASGD(JaxOptimizer):
         return out
 
     def _static_config(self, group):
+        if self.scalar_dtype is None:
+            self.scalar_dtype = "float64" if torch.get_default_dtype() == torch.float64 else "float32"
         static = {"maximize": bool(group["maximize"]), "scalar_dtype": self.scalar_dtype}
         if float(group["momentum"]) == 0.0:
             static["momentum"] = None
