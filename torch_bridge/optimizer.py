@@ -39,7 +39,8 @@ Writing a subclass (one torch-style class per registry entry)
 A subclass maps torch-style arguments to a registry entry::
 
     class MyOpt(JaxOptimizer):
-        entry_name = "my_entry"                  # registry.get(...) name (or override _entry_for_group)
+        entry_name = "my_entry"                  # registry name, or a hashable factory callable with optional
+                                                 #   requires_value / supports_segments attributes
         state_keys = {"step": "MyState.count",   # torch state key -> JAX state field; a field is named
                       "exp_avg": "mu"}           #   "field" or "StateClass.field" (first match wins)
         presence_fields = ()                     # per-param counters without a torch key: 1 if the param
@@ -49,6 +50,7 @@ A subclass maps torch-style arguments to a registry entry::
         elementwise = True                       # no per-tensor reductions: uniform mode allowed and
                                                  #   buffers may be split by dtype
         group_flag_defaults = {"maximize": False}  # setdefault'ed in __setstate__ (old checkpoints)
+        _persistent_attrs = ()                   # extra instance attributes kept by pickle / deepcopy
 
         def __init__(self, params, lr=1e-3, beta=0.9, *, maximize=False):
             if not 0.0 <= lr: raise ValueError(f"Invalid learning rate: {lr}")
@@ -720,7 +722,9 @@ class JaxOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, optimizer: Optional[str] = None, defaults: Optional[Mapping[str, Any]] = None,
                  *, flat: bool = True, **hyperparams):
-        name = optimizer or self.entry_name
+        name = optimizer or inspect.getattr_static(type(self), "entry_name")
+        if isinstance(name, staticmethod):  # a factory function stored as a class attribute
+            name = name.__func__
         if name is None:
             raise ValueError("JaxOptimizer needs a registry entry name, e.g. JaxOptimizer(params, 'adam')")
         self._entry_name = name
