@@ -212,8 +212,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--small", action="store_true", help="only the 1M/400 model (quick check)")
     ap.add_argument("--recompile-steps", type=int, default=1000)
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
+                    help="torch intra-op threads (default: all cores, like XLA's CPU thread pool)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads)
     print(f"torch {torch.__version__}, jax {jax.__version__}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
     construct, first = first_step_time(model_1m())

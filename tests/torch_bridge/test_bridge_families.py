@@ -173,3 +173,31 @@ def test_loss_is_routed_to_value():
     (p ** 2).sum().backward()
     with pytest.raises(RuntimeError, match="needs the loss"):
         opt.step()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: tb.Lookahead(tb.SGD(ps, lr=0.1, momentum=0.9), k=3, alpha=0.8),
+    lambda ps: tb.ASGD(ps, lr=0.05, t0=2),
+    lambda ps: tb.ADOPT(ps, lr=1e-2),
+], ids=["lookahead", "asgd", "adopt"])
+def test_pickled_copy_continues_identically(make):
+    import pickle
+
+    model = make_model()
+    opt = make(model.parameters())
+    train(model, opt, 4)
+    clone = pickle.loads(pickle.dumps(opt))
+    params = clone.param_groups[0]["params"]
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
+
+    def loss_of(p):
+        return ((torch.tanh(x @ p[0].t() + p[1]) @ p[2].t() + p[3] - y) ** 2).mean()
+
+    for o, ps in ((opt, list(model.parameters())), (clone, params)):
+        for _ in range(3):
+            o.zero_grad()
+            loss_of(ps).backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
+    assert type(clone).__name__ in repr(clone)
