@@ -418,3 +418,23 @@ def test_generic_jax_optimizer_matches_subclass():
     train(m1, o1, 5)
     train(m2, o2, 5)
     assert max_diff(m1, m2) <= 1e-6
+
+
+def test_storage_replaced_after_construction_is_readopted():
+    m1, m2 = make_model(), make_model()
+    o1 = torch.optim.Adam(m1.parameters(), lr=1e-2, foreach=False)
+    o2 = tb.Adam(m2.parameters(), lr=1e-2)
+    train(m1, o1, 2)
+    train(m2, o2, 2)
+    with torch.no_grad():
+        for m in (m1, m2):
+            m[0].weight.data = m[0].weight.detach().clone()  # same shape/dtype, new storage
+    train(m1, o1, 2)
+    train(m2, o2, 2)
+    assert max_diff(m1, m2) <= 1e-6
+    buf = o2._runtime[0].buffers[0]
+    assert m2[0].weight.data_ptr() == buf.flat_p.data_ptr()
+    m2.double()  # dtype change: the group is re-adopted with its state cast (needs x64 for float64)
+    with jax.enable_x64(True), pytest.warns(UserWarning, match="re-adopting"):
+        train(m2, o2, 1, dtype=torch.float64)
+    assert o2.state_dict()["state"][0]["exp_avg"].dtype == torch.float64
