@@ -7,7 +7,8 @@ in the same run, and max |Δθ| to fused at the end:
 
 * torch Adam fused / foreach;
 * pure suite Adam on one flat JAX array (donated), i.e. the JAX lower bound without any bridge;
-* bridge Adam (``torch_bridge.Adam``, flat path);
+* bridge Adam (``torch_bridge.Adam``, flat path), with the default scratch + ``copy_`` write-back and with
+  ``write_back="swap"`` (double buffer, no copy);
 * the read-modify-write floor (``θ += m; m += g; v += g``: 28 B/param like fused Adam).
 
 Also printed: first step including compilation (fresh process, 400 tensors), compiles over 1000
@@ -125,6 +126,9 @@ def bench_model(label, shapes, rounds, warmup=5, lr=1e-3):
     bridge_p = clone_params(params, grads)
     bridge = torch_bridge.Adam(bridge_p, lr=lr)
     variants["bridge Adam"] = (bridge.step, bridge_p)
+    swap_p = clone_params(params, grads)
+    swap = torch_bridge.Adam(swap_p, lr=lr, write_back="swap")
+    variants["bridge Adam, write_back=swap"] = (swap.step, swap_p)
     floor = Floor(params, grads)
     variants["floor (28 B/param RMW)"] = (floor.step, None)
     names = list(variants)

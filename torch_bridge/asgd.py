@@ -27,7 +27,8 @@ class ASGD(JaxOptimizer):
                            "momentum": 0.0}
 
     def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None,
-                 maximize=False, differentiable=False, capturable=False, *, momentum=0.0, flat=True):
+                 maximize=False, differentiable=False, capturable=False, *, momentum=0.0, flat=True,
+                 write_back="copy"):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -40,7 +41,8 @@ class ASGD(JaxOptimizer):
         defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable,
                         momentum=momentum)
-        super().__init__(params, registry_or("asgd", jaxopt_suite.asgd), defaults=defaults, flat=flat)
+        super().__init__(params, registry_or("asgd", jaxopt_suite.asgd), defaults=defaults, flat=flat,
+                         write_back=write_back)
 
     _persistent_attrs = ("scalar_dtype",)
 

@@ -90,7 +90,8 @@ class Lookahead(JaxOptimizer):
             group.setdefault("alpha", alpha)
             group.setdefault("lookahead_step", 0)
         defaults = {**inner.defaults, "k": k, "alpha": alpha, "lookahead_step": 0}
-        super().__init__(list(inner.param_groups), inner._entry_name, defaults=defaults, flat=inner.flat)
+        super().__init__(list(inner.param_groups), inner._entry_name, defaults=defaults, flat=inner.flat,
+                         write_back=getattr(inner, "write_back", "copy"))
         for p, st in inherited.items():
             dict.__setitem__(self.state, p, st)
         self._runtime_valid = False  # re-adopt with the inherited state at the first step

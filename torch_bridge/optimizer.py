@@ -307,8 +307,9 @@ class _FlatBuffer(_Buffer):
 
     flat = True
 
-    def __init__(self, params, elementwise: bool):
+    def __init__(self, params, elementwise: bool, write_back: str = "copy"):
         super().__init__(params)
+        self.write_back = write_back
         dtype, device = params[0].dtype, params[0].device
         self.elementwise = elementwise
         self.layout = FlatLayout.from_shapes([tuple(p.shape) for p in params], dlpack.align_elements(dtype))
@@ -340,6 +341,22 @@ class _FlatBuffer(_Buffer):
         self.jg = [dlpack.to_jax(self.flat_g, zero_copy=True)]
         self.device = next(iter(self.jp[0].devices()))
         self.scratch = None
+        if write_back == "swap":
+            # the params live in a JAX-owned buffer viewed by torch; each step writes a second one
+            owned = jax.device_put(jnp.array(self.jp[0], copy=True), self.device)
+            self.jp = [owned]
+            self._repoint(dlpack.to_torch(owned))
+
+    def _repoint(self, flat_p: torch.Tensor) -> None:
+        """Point every ``p.data`` at views of ``flat_p`` (swap write-back)."""
+        self.flat_p = flat_p
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                off, n = self.layout.offsets[i], self.layout.numels[i]
+                pv = flat_p[off:off + n].view(p.shape)
+                p.data = pv
+                self.pviews[i] = pv
+                self.ptrs[i] = pv.data_ptr()
 
     def release(self):
         for h in self.hooks:
@@ -451,9 +468,14 @@ class _FlatBuffer(_Buffer):
         mask = None if self.mode == "uniform" else [np.append(self.marks, True)]
         new_p, self.state = _compiled_step(self.scratch, self.state, self.jp, self.jg, hyper, mask, value, spec=spec)
         view = dlpack.to_torch(new_p[0])  # waits for the step; XLA is then done reading torch memory
-        self.flat_p.copy_(view)
-        del view  # a live torch view would make the next donation silently fall back to a copy
-        self.scratch = new_p
+        if self.write_back == "swap":
+            old = self.jp
+            self._repoint(view)  # drops every torch view of the old buffer, which becomes the scratch
+            self.jp, self.scratch = new_p, old
+        else:
+            self.flat_p.copy_(view)
+            del view  # a live torch view would make the next donation silently fall back to a copy
+            self.scratch = new_p
         self.stepped |= self.marks
         self.stale = True
 
@@ -710,6 +732,10 @@ class JaxOptimizer(torch.optim.Optimizer):
       optimizer: registry entry name (subclasses set ``entry_name`` instead).
       defaults: group defaults (subclasses); generic use passes keyword hyperparameters instead.
       flat: use the flat zero-copy path where possible (``False`` forces the simple path).
+      write_back: ``"copy"`` (default): new params land in a donated JAX scratch and are copied into the
+        torch-owned flat buffer (stable ``data_ptr``). ``"swap"``: params live in JAX-owned buffers viewed by
+        torch and each step re-points ``p.data`` to the other buffer (no copy; ``data_ptr`` alternates, so
+        views cached outside the optimizer, e.g. ``w.t()``, go stale and keep the old buffer from being reused).
     """
 
     entry_name: ClassVar[Optional[str]] = None
@@ -721,7 +747,7 @@ class JaxOptimizer(torch.optim.Optimizer):
     scalar_state_keys: ClassVar[tuple[str, ...]] = ("step",)
 
     def __init__(self, params, optimizer: Optional[str] = None, defaults: Optional[Mapping[str, Any]] = None,
-                 *, flat: bool = True, **hyperparams):
+                 *, flat: bool = True, write_back: str = "copy", **hyperparams):
         name = optimizer or inspect.getattr_static(type(self), "entry_name")
         if isinstance(name, staticmethod):  # a factory function stored as a class attribute
             name = name.__func__
@@ -734,6 +760,9 @@ class JaxOptimizer(torch.optim.Optimizer):
         elif hyperparams:
             raise TypeError(f"unexpected arguments {sorted(hyperparams)}")
         self.flat = bool(flat)
+        if write_back not in ("copy", "swap"):
+            raise ValueError(f"Invalid write_back: {write_back!r}; expected 'copy' or 'swap'")
+        self.write_back = write_back
         self._init_runtime()
         super().__init__(params, dict(defaults))
         self.state = _LazyState(self, dict.items(self.state))
@@ -849,14 +878,14 @@ class JaxOptimizer(torch.optim.Optimizer):
                 if ok:
                     by_kind.setdefault((p.dtype, p.device), []).append(p)
             for plist in by_kind.values():
-                buffers.append(_FlatBuffer(plist, elementwise=True))
+                buffers.append(_FlatBuffer(plist, elementwise=True, write_back=self.write_back))
             rest = [p for p, ok in zip(params, flat_ok) if not ok]
             if rest:
                 buffers.append(_SimpleBuffer(rest))
         else:
             kinds = {(p.dtype, p.device) for p in params}
             if params and all(flat_ok) and len(kinds) == 1:
-                buffers.append(_FlatBuffer(params, elementwise=False))
+                buffers.append(_FlatBuffer(params, elementwise=False, write_back=self.write_back))
             elif params:
                 buffers.append(_SimpleBuffer(params))
         for buf in buffers:
@@ -960,6 +989,7 @@ class JaxOptimizer(torch.optim.Optimizer):
         out = super().__getstate__()
         out["_entry_name"] = self._entry_name
         out["flat"] = self.flat
+        out["write_back"] = getattr(self, "write_back", "copy")
         out["_generic"] = getattr(self, "_generic", False)
         for name in getattr(self, "_persistent_attrs", ()):
             out[name] = getattr(self, name)
@@ -977,6 +1007,7 @@ class JaxOptimizer(torch.optim.Optimizer):
                 p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
         self.__dict__.setdefault("_entry_name", self.entry_name)
         self.__dict__.setdefault("flat", True)
+        self.__dict__.setdefault("write_back", "copy")
         if "_runtime" not in self.__dict__:
             # unpickled / deep-copied: the params are new objects, adopt them at the next use
             self._init_runtime()

@@ -438,3 +438,28 @@ def test_storage_replaced_after_construction_is_readopted():
     with jax.enable_x64(True), pytest.warns(UserWarning, match="re-adopting"):
         train(m2, o2, 1, dtype=torch.float64)
     assert o2.state_dict()["state"][0]["exp_avg"].dtype == torch.float64
+
+
+def test_swap_write_back_matches_copy_and_reuses_two_buffers():
+    m1, m2 = make_model(), make_model()
+    o1 = tb.Adam(m1.parameters(), lr=1e-2)
+    o2 = tb.Adam(m2.parameters(), lr=1e-2, write_back="swap")
+    train(m1, o1, 3)
+    train(m2, o2, 3)
+    buf = o2._runtime[0].buffers[0]
+    ptrs = set()
+    for _ in range(4):
+        train(m1, o1, 1)
+        train(m2, o2, 1)
+        ptrs.add(m2[0].weight.data_ptr())
+        assert m2[0].weight.data_ptr() == buf.jp[0].unsafe_buffer_pointer()
+    assert max_diff(m1, m2) == 0.0
+    assert len(ptrs) == 2  # the two parameter buffers alternate: donation reuses them, no allocation
+    sd = o2.state_dict()
+    m3 = make_model()
+    m3.load_state_dict(m2.state_dict())
+    o3 = tb.Adam(m3.parameters(), lr=1e-2)
+    o3.load_state_dict(sd)
+    train(m2, o2, 2)
+    train(m3, o3, 2)
+    assert max_diff(m2, m3) == 0.0
