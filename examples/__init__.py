@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m examples.<name> --steps N`` from the repository root."""
