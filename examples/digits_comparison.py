@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from examples._digits import batch_indices, digits_split
+
 BACKENDS = ("jax", "bridge", "torch.optim")
 BACKEND_ALIASES = {"torch": ("bridge", "torch.optim"), "all": BACKENDS}
 
@@ -84,29 +86,12 @@ class DigitsData:
 
 def load_digits_data(seed: int = 0, test_fraction: float = 0.25) -> DigitsData:
     """scikit-learn's 8x8 digits (bundled, no download), stratified train/test split with ``seed``."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    return DigitsData(x_train, y_train, x_test, y_test)
+    return DigitsData(*digits_split(seed, test_fraction))
 
 
 def batch_schedule(num_examples: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
     """``(steps, batch_size)`` example indices: shuffled epochs, the same for every run."""
-    rng = np.random.default_rng(seed)
-    batch_size = min(batch_size, num_examples)
-    per_epoch = num_examples // batch_size
-    epochs = -(-steps // per_epoch)
-    rows = []
-    for _ in range(epochs):
-        perm = rng.permutation(num_examples)
-        rows.extend(perm[i * batch_size : (i + 1) * batch_size] for i in range(per_epoch))
-    return np.stack(rows[:steps]).astype(np.int32)
+    return batch_indices(num_examples, steps, batch_size, seed)
 
 
 def make_flax_mlp(hidden: Sequence[int], num_classes: int):
