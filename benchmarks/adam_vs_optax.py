@@ -60,34 +60,39 @@ def random_tree(shapes, seed: int, scale: float = 1.0) -> dict[str, jax.Array]:
 class Stepper:
     """One optimizer's jitted, donating step on its own copy of the params."""
 
-    def __init__(self, tx: optax.GradientTransformation, params, grads):
+    def __init__(self, tx: optax.GradientTransformation):
         def step(params, state, grads):
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
+        self.init = jax.jit(tx.init)
+        self.step = jax.jit(step, donate_argnums=(0, 1))
+        self.params = self.state = self.grads = None
+
+    def reset(self, params, grads) -> "Stepper":
         self.grads = grads
         self.params = jax.tree.map(jnp.array, params)  # private copy: donated every step
-        self.state = jax.jit(tx.init)(self.params)
-        self.step = jax.jit(step, donate_argnums=(0, 1))
+        self.state = self.init(self.params)
+        return self
 
     def __call__(self):
         self.params, self.state = self.step(self.params, self.state, self.grads)
         return self.params
 
 
-def variants(params, grads) -> dict[str, Callable[[], object]]:
+def variants() -> dict[str, Stepper]:
     return {
-        "optax.adam": Stepper(optax.adam(1e-3, eps_root=0.0), params, grads),
-        "jaxopt_suite.adam": Stepper(jaxopt_suite.adam(1e-3), params, grads),
+        "optax.adam": Stepper(optax.adam(1e-3, eps_root=0.0)),
+        "jaxopt_suite.adam": Stepper(jaxopt_suite.adam(1e-3)),
     }
 
 
-def max_param_difference(params, grads, steps: int = 10) -> float:
-    runs = [Stepper(tx, params, grads) for tx in (optax.adam(1e-3, eps_root=0.0), jaxopt_suite.adam(1e-3))]
-    for run in runs:
-        for _ in range(steps):
-            run()
-    diffs = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), runs[0].params, runs[1].params)
+def max_param_difference(steppers: dict[str, Stepper], params, grads, steps: int = 10) -> float:
+    """Largest |θ_a − θ_b| after ``steps`` steps of the first two steppers from the same start."""
+    a, b = (s.reset(params, grads) for s in list(steppers.values())[:2])
+    for _ in range(steps):
+        a(), b()
+    diffs = jax.tree.map(lambda x, y: jnp.max(jnp.abs(x - y)), a.params, b.params)
     return float(max(jax.tree.leaves(diffs)))
 
 
@@ -106,11 +111,13 @@ def main(argv=None) -> dict[str, float]:
         params = random_tree(shapes, seed=1)
         grads = random_tree(shapes, seed=2, scale=1e-2)
         count = sum(int(np.prod(s)) for s in shapes)
-        print(f"\n== {model}: {count / 1e6:.2f}M parameters in {len(shapes)} tensors")
-        timings = interleaved_median(variants(params, grads), warmup=args.warmup, rounds=args.rounds)
-        print(ratio_table(timings, baseline="optax.adam"))
+        print(f"\n== {model}: {count / 1e6:.2f}M parameters in {len(shapes)} tensors", flush=True)
+        steppers = {name: s.reset(params, grads) for name, s in variants().items()}
+        timings = interleaved_median(steppers, warmup=args.warmup, rounds=args.rounds)
+        print(ratio_table(timings, baseline="optax.adam"), flush=True)
         ratios[model] = timings["jaxopt_suite.adam"].median / timings["optax.adam"].median
-        print(f"max |θ_suite − θ_optax| after 10 steps: {max_param_difference(params, grads):.2e}")
+        print(f"max |θ_suite − θ_optax| after 10 steps: {max_param_difference(steppers, params, grads):.2e}",
+              flush=True)
     print("\nsuite / optax median step time: " + ", ".join(f"{m} {r:.3f}×" for m, r in ratios.items())
           + " (target ≤ 1.05×)")
     return ratios

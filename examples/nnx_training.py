@@ -9,7 +9,7 @@ What it shows:
   loss ignore it, so the same loop serves loss-driven optimizers unchanged.
 * Lookahead keeps its slow weights in the optimizer state, so it wraps AdamW as a drop-in: no special params
   type, unlike ``optax.lookahead``.
-* A checkpoint as plain arrays: ``nnx.state(opt).to_pure_dict()`` and back with ``nnx.replace_by_pure_dict``.
+* A checkpoint as plain arrays: ``nnx.to_pure_dict(nnx.state(opt))`` and back with ``nnx.replace_by_pure_dict``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def train_step(model: MLP, opt: nnx.Optimizer, x, y):
     return loss
 
 
+full_loss = nnx.jit(loss_fn)
+
+
 @nnx.jit
 def accuracy(model: MLP, x, y):
     return jnp.mean(jnp.argmax(model(x), axis=-1) == y)
@@ -76,7 +79,7 @@ def main(argv=None) -> dict:
     model = MLP(x_train.shape[1], 64, 10, rngs=nnx.Rngs(args.seed))
     opt = nnx.Optimizer(model, make_optimizer(args.learning_rate, args.weight_decay), wrt=nnx.Param)
 
-    initial_loss = float(loss_fn(model, x_train, y_train))
+    initial_loss = float(full_loss(model, x_train, y_train))
     batches = batch_indices(len(x_train), args.steps, args.batch_size, args.seed + 1)
     log_every = max(1, args.steps // 5)
     for step, idx in enumerate(batches, start=1):
@@ -85,7 +88,7 @@ def main(argv=None) -> dict:
             print(f"step {step:4d}  minibatch loss {float(loss):.4f}")
 
     # Checkpoint as plain arrays and restore into a freshly built optimizer.
-    checkpoint = jax.tree.map(np.asarray, nnx.state(opt).to_pure_dict())
+    checkpoint = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(opt)))
     restored = nnx.Optimizer(MLP(x_train.shape[1], 64, 10, rngs=nnx.Rngs(args.seed + 99)),
                              make_optimizer(args.learning_rate, args.weight_decay), wrt=nnx.Param)
     restored_state = nnx.state(restored)
@@ -93,12 +96,12 @@ def main(argv=None) -> dict:
     nnx.update(restored, restored_state)
     same_opt_state = all(
         np.array_equal(a, b)
-        for a, b in zip(jax.tree.leaves(checkpoint), jax.tree.leaves(nnx.state(restored).to_pure_dict()))
+        for a, b in zip(jax.tree.leaves(checkpoint), jax.tree.leaves(nnx.to_pure_dict(nnx.state(restored))))
     )
 
     metrics = {
         "initial_train_loss": initial_loss,
-        "final_train_loss": float(loss_fn(model, x_train, y_train)),
+        "final_train_loss": float(full_loss(model, x_train, y_train)),
         "test_accuracy": float(accuracy(model, x_test, y_test)),
         "checkpoint_round_trip": same_opt_state,
     }
