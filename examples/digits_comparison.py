@@ -9,7 +9,8 @@ Backends (``--backends``, comma separated):
 
 * ``jax``: the ``jaxopt_suite`` transformation on a Flax (linen) MLP, one jitted step per iteration;
 * ``bridge``: the same optimizer as a ``torch.optim.Optimizer`` from ``torch_bridge`` (entries whose
-  ``torch_bridge_class`` exists there), on a ``torch.nn`` copy of the MLP;
+  ``torch_bridge_class`` exists there), on a ``torch.nn`` copy of the MLP: the torch-named class with
+  torch-style arguments when it names them all, else the bridge's generic ``JaxOptimizer`` on the entry;
 * ``torch.optim``: torch's own class (entries with a ``torch_class``) as the reference baseline;
 * ``torch`` is shorthand for ``bridge,torch.optim``.
 
@@ -179,6 +180,7 @@ class RunResult:
     median_step_ms: float = math.nan
     first_step_s: float = math.nan
     max_param_diff_vs_jax: float = math.nan
+    constructor: str = ""
     final_params: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -250,8 +252,10 @@ def run_jax(
         losses.append(float(loss))
         on_step()
     train_loss, accuracy = (float(v) for v in evaluate(params))
-    return _finish(entry.name, "jax", losses, times, initial_loss, train_loss, accuracy,
-                   flax_params_vector(params))
+    result = _finish(entry.name, "jax", losses, times, initial_loss, train_loss, accuracy,
+                     flax_params_vector(params))
+    result.constructor = f"{entry.factory.__module__}.{entry.factory.__name__}(**{dict(entry.kwargs)} | {dict(entry.demo_kwargs)})"
+    return result
 
 
 def _finish(name, backend, losses, times, initial_loss, train_loss, accuracy, params_vector) -> RunResult:
@@ -299,14 +303,11 @@ def torch_kwargs(entry) -> dict:
     return out
 
 
-def _check_accepts(cls, kwargs: Mapping[str, Any]) -> None:
-    """Refuse (rather than silently drop) arguments the torch constructor does not take."""
+def _names_all(cls, kwargs: Mapping[str, Any]) -> bool:
+    """Whether the constructor names every argument explicitly (a ``**kwargs`` catch-all does not count)."""
     parameters = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    unknown = sorted(set(kwargs) - set(parameters))
-    if unknown:
-        raise Unavailable(f"{cls.__module__}.{cls.__qualname__} takes no {', '.join(unknown)}")
+    named = {n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return set(kwargs) <= named
 
 
 def import_torch_bridge():
@@ -317,25 +318,47 @@ def import_torch_bridge():
         raise Unavailable(f"torch_bridge not importable ({type(exc).__name__}: {exc})") from None
 
 
-def torch_optimizer_class(entry, backend: str):
-    """The torch optimizer class for a torch backend row, or ``Unavailable`` with the reason."""
+def make_torch_optimizer(entry, backend: str, parameters) -> tuple[Any, str]:
+    """The optimizer for a torch row and a description of how it was built (``Unavailable`` if it cannot be).
+
+    * ``torch.optim``: ``getattr(torch.optim, entry.torch_class)(params, **torch_kwargs(entry))``.
+    * ``bridge``: ``getattr(torch_bridge, entry.torch_bridge_class)(params, **torch_kwargs(entry))`` when that
+      class names every argument; otherwise (classes with upstream-style signatures, wrappers such as
+      Lookahead) the bridge's generic ``JaxOptimizer(params, entry.name, **demo_kwargs)``, which runs the
+      registry entry itself with the JAX argument names. Arguments are never dropped silently.
+    """
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError as exc:
         raise Unavailable(f"torch not installed ({exc})") from None
-    if backend == "bridge":
-        if entry.torch_bridge_class is None:
-            raise Unavailable("no torch_bridge class")
-        bridge = import_torch_bridge()
-        cls = getattr(bridge, entry.torch_bridge_class, None)
-        if cls is None:
-            raise Unavailable(f"torch_bridge has no {entry.torch_bridge_class}")
-        return cls
-    if entry.torch_class is None:
-        raise Unavailable("no torch.optim class")
-    import torch
+    if backend == "torch.optim":
+        if entry.torch_class is None:
+            raise Unavailable("no torch.optim class")
+        cls, kwargs = getattr(torch.optim, entry.torch_class), torch_kwargs(entry)
+        if not _names_all(cls, kwargs):
+            raise Unavailable(f"torch.optim.{entry.torch_class} takes no {sorted(set(kwargs) - set(inspect.signature(cls).parameters))}")
+        return _construct(cls, parameters, kwargs, f"torch.optim.{entry.torch_class}")
+    if entry.torch_bridge_class is None:
+        raise Unavailable("no torch_bridge class")
+    bridge = import_torch_bridge()
+    cls = getattr(bridge, entry.torch_bridge_class, None)
+    if cls is None:
+        raise Unavailable(f"torch_bridge has no {entry.torch_bridge_class}")
+    kwargs = torch_kwargs(entry)
+    if _names_all(cls, kwargs):
+        return _construct(cls, parameters, kwargs, f"torch_bridge.{entry.torch_bridge_class}")
+    generic = getattr(bridge, "JaxOptimizer", None)
+    if generic is None:
+        raise Unavailable(f"torch_bridge.{entry.torch_bridge_class} takes no {sorted(kwargs)} and there is no JaxOptimizer")
+    return _construct(lambda p, **kw: generic(p, entry.name, **kw), parameters, dict(entry.demo_kwargs),
+                      f"torch_bridge.JaxOptimizer({entry.name!r})")
 
-    return getattr(torch.optim, entry.torch_class)
+
+def _construct(cls, parameters, kwargs, label):
+    try:
+        return cls(parameters, **kwargs), f"{label}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    except (TypeError, ValueError) as exc:
+        raise Unavailable(f"{label}(**{kwargs}) failed: {exc}") from None
 
 
 def has_torch_row(entry, backend: str) -> bool:
@@ -357,17 +380,14 @@ def run_torch(
     Each step is ``optimizer.step(closure)`` where the closure zeroes the grads, runs forward and backward
     and returns the loss: the standard torch protocol, through which loss-driven optimizers get the loss.
     """
-    cls = torch_optimizer_class(entry, backend)
-    kwargs = torch_kwargs(entry)
-    _check_accepts(cls, kwargs)
-    import torch
+    try:
+        import torch
+    except ImportError as exc:
+        raise Unavailable(f"torch not installed ({exc})") from None
 
     torch.set_num_threads(config.torch_threads)
     model = make_torch_mlp(init_params)
-    try:
-        optimizer = cls(model.parameters(), **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise Unavailable(f"{cls.__qualname__}(**{kwargs}) failed: {exc}") from None
+    optimizer, constructor = make_torch_optimizer(entry, backend, model.parameters())
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train).long()
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test).long()
     loss_fn = torch.nn.functional.cross_entropy
@@ -395,8 +415,10 @@ def run_torch(
         losses.append(float(loss.detach()) if hasattr(loss, "detach") else float(loss))
         on_step()
     train_loss, accuracy = evaluate()
-    return _finish(entry.name, backend, losses, times, initial_loss, train_loss, accuracy,
-                   torch_params_vector(model))
+    result = _finish(entry.name, backend, losses, times, initial_loss, train_loss, accuracy,
+                     torch_params_vector(model))
+    result.constructor = constructor
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -530,7 +552,8 @@ def table_rows(results: Sequence[RunResult]) -> list[tuple[str, ...]]:
     for r in results:
         rows.append((
             r.name, r.backend, _fmt(r.final_train_loss, ".4f"), _fmt(r.test_accuracy, ".3f"),
-            _fmt(r.median_step_ms, ".3f"), _fmt(r.max_param_diff_vs_jax, ".2e"), r.status, r.reason,
+            _fmt(r.median_step_ms, ".3f"), _fmt(r.max_param_diff_vs_jax, ".2e"), r.status,
+            r.reason or (r.constructor if r.backend != "jax" else ""),
         ))
     return rows
 
