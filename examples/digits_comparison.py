@@ -220,7 +220,7 @@ def run_jax(
     import jax.numpy as jnp
     import optax
 
-    tx = entry.build(**dict(entry.demo_kwargs))
+    tx = entry.build(**demo_settings(entry, config))
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
@@ -254,7 +254,7 @@ def run_jax(
     train_loss, accuracy = (float(v) for v in evaluate(params))
     result = _finish(entry.name, "jax", losses, times, initial_loss, train_loss, accuracy,
                      flax_params_vector(params))
-    result.constructor = f"{entry.factory.__module__}.{entry.factory.__name__}(**{dict(entry.kwargs)} | {dict(entry.demo_kwargs)})"
+    result.constructor = f"{entry.factory.__name__}(**{ {**entry.kwargs, **demo_settings(entry, config)} })"
     return result
 
 
@@ -279,6 +279,15 @@ def _finish(name, backend, losses, times, initial_loss, train_loss, accuracy, pa
 # --------------------------------------------------------------------------------------------------
 
 
+def demo_settings(entry, config: DemoConfig) -> dict:
+    """The entry's ``demo_kwargs``; a stochastic entry whose factory takes ``seed`` also gets ``config.seed``,
+    so that every backend draws the same random stream (and reruns reproduce the table)."""
+    settings = dict(entry.demo_kwargs)
+    if entry.stochastic and "seed" in inspect.signature(entry.factory).parameters:
+        settings.setdefault("seed", config.seed)
+    return settings
+
+
 def _factory_default(entry, name: str) -> Any:
     parameter = inspect.signature(entry.factory).parameters.get(name)
     if parameter is None or parameter.default is inspect.Parameter.empty:
@@ -286,7 +295,7 @@ def _factory_default(entry, name: str) -> Any:
     return parameter.default
 
 
-def torch_kwargs(entry) -> dict:
+def torch_kwargs(entry, settings: Optional[Mapping[str, Any]] = None) -> dict:
     """Torch-style constructor arguments for ``entry``'s demo settings.
 
     An entry may state them explicitly (``torch_demo_kwargs``); otherwise the JAX arguments
@@ -296,7 +305,7 @@ def torch_kwargs(entry) -> dict:
     explicit = getattr(entry, "torch_demo_kwargs", None)
     if explicit is not None:
         return dict(explicit)
-    merged = {**entry.kwargs, **entry.demo_kwargs}
+    merged = {**entry.kwargs, **(entry.demo_kwargs if settings is None else settings)}
     out = {_TORCH_RENAMES.get(k, k): v for k, v in merged.items() if k not in _BETA_NAMES}
     if any(b in merged for b in _BETA_NAMES):
         out["betas"] = tuple(merged[b] if b in merged else _factory_default(entry, b) for b in _BETA_NAMES)
@@ -318,15 +327,19 @@ def import_torch_bridge():
         raise Unavailable(f"torch_bridge not importable ({type(exc).__name__}: {exc})") from None
 
 
-def make_torch_optimizer(entry, backend: str, parameters) -> tuple[Any, str]:
+def make_torch_optimizer(entry, backend: str, parameters, settings: Optional[Mapping[str, Any]] = None):
     """The optimizer for a torch row and a description of how it was built (``Unavailable`` if it cannot be).
 
     * ``torch.optim``: ``getattr(torch.optim, entry.torch_class)(params, **torch_kwargs(entry))``.
     * ``bridge``: ``getattr(torch_bridge, entry.torch_bridge_class)(params, **torch_kwargs(entry))`` when that
       class names every argument; otherwise (classes with upstream-style signatures, wrappers such as
-      Lookahead) the bridge's generic ``JaxOptimizer(params, entry.name, **demo_kwargs)``, which runs the
+      Lookahead) the bridge's generic ``JaxOptimizer(params, entry.name, **settings)``, which runs the
       registry entry itself with the JAX argument names. Arguments are never dropped silently.
+
+    ``settings`` are the entry's JAX-named demo arguments (default ``entry.demo_kwargs``). Returns the
+    optimizer and a description of the call.
     """
+    settings = dict(entry.demo_kwargs if settings is None else settings)
     try:
         import torch
     except ImportError as exc:
@@ -334,7 +347,7 @@ def make_torch_optimizer(entry, backend: str, parameters) -> tuple[Any, str]:
     if backend == "torch.optim":
         if entry.torch_class is None:
             raise Unavailable("no torch.optim class")
-        cls, kwargs = getattr(torch.optim, entry.torch_class), torch_kwargs(entry)
+        cls, kwargs = getattr(torch.optim, entry.torch_class), torch_kwargs(entry, settings)
         if not _names_all(cls, kwargs):
             raise Unavailable(f"torch.optim.{entry.torch_class} takes no {sorted(set(kwargs) - set(inspect.signature(cls).parameters))}")
         return _construct(cls, parameters, kwargs, f"torch.optim.{entry.torch_class}")
@@ -344,13 +357,13 @@ def make_torch_optimizer(entry, backend: str, parameters) -> tuple[Any, str]:
     cls = getattr(bridge, entry.torch_bridge_class, None)
     if cls is None:
         raise Unavailable(f"torch_bridge has no {entry.torch_bridge_class}")
-    kwargs = torch_kwargs(entry)
+    kwargs = torch_kwargs(entry, settings)
     if _names_all(cls, kwargs):
         return _construct(cls, parameters, kwargs, f"torch_bridge.{entry.torch_bridge_class}")
     generic = getattr(bridge, "JaxOptimizer", None)
     if generic is None:
         raise Unavailable(f"torch_bridge.{entry.torch_bridge_class} takes no {sorted(kwargs)} and there is no JaxOptimizer")
-    return _construct(lambda p, **kw: generic(p, entry.name, **kw), parameters, dict(entry.demo_kwargs),
+    return _construct(lambda p, **kw: generic(p, entry.name, **kw), parameters, settings,
                       f"torch_bridge.JaxOptimizer({entry.name!r})")
 
 
@@ -386,8 +399,9 @@ def run_torch(
         raise Unavailable(f"torch not installed ({exc})") from None
 
     torch.set_num_threads(config.torch_threads)
+    torch.manual_seed(config.seed)  # optimizers that draw a seed from torch's generator reproduce across runs
     model = make_torch_mlp(init_params)
-    optimizer, constructor = make_torch_optimizer(entry, backend, model.parameters())
+    optimizer, constructor = make_torch_optimizer(entry, backend, model.parameters(), demo_settings(entry, config))
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train).long()
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test).long()
     loss_fn = torch.nn.functional.cross_entropy
