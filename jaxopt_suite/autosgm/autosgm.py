@@ -272,7 +272,7 @@ def scale_by_autosgm(
             numerator=pick(4) if state.numerator is not None else None,
             wsq=pick(5) if state.wsq is not None else None,
             pcx=pick(6) if state.pcx is not None else None,
-            lr_num=pick(7),
+            lr_num=pick(7) if state.lr_num is not None else None,
             huber_mean=pick(8) if state.huber_mean is not None else None,
             huber_var=pick(9) if state.huber_var is not None else None,
         )
