@@ -16,6 +16,7 @@ from .autosgm import (
     scale_by_autosgm,
 )
 from .adopt import ADOPTState, adopt, default_clip_value, scale_by_adopt
+from .asgd import ASGDState, asgd, asgd_averaged_params, scale_by_asgd
 from .lookahead import LookaheadState, lookahead, lookahead_adam, lookahead_sgd, lookahead_slow_params
 from .sgd import SGDState, scale_by_sgd_momentum, sgd
 from . import registry
@@ -38,6 +39,10 @@ __all__ = [
     "adopt",
     "default_clip_value",
     "scale_by_adopt",
+    "ASGDState",
+    "asgd",
+    "asgd_averaged_params",
+    "scale_by_asgd",
     "LookaheadState",
     "lookahead",
     "lookahead_adam",
