@@ -171,8 +171,32 @@ def scale_by_autosgm(
     References:
       Somefun, ICASSP 2024 (AutoSGM).
     """
+    return _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps,
+                             aoptlr=aoptlr, num_lrc=num_lrc, debias=debias, wd_level=wd_level, window=window,
+                             maximize=maximize)
+
+
+COMPLEMENT_NAMES = ("beta_n", "beta_a", "beta_i", "gamma_i")
+
+
+def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps, *, aoptlr,
+                      num_lrc, debias, wd_level, window, maximize, complements=None):
+    """:func:`scale_by_autosgm` with optional precise complements ``{"beta_n": 1 − β_n, ...}``.
+
+    A float32-traced β close to 1 loses its complement (f32(0.9999) gives 1 − β = 1.00017e-4); callers
+    that trace the β's in float32 (the torch bridge) also pass the complements formed in double.
+    """
     _validate(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps, aoptlr=aoptlr,
               num_lrc=num_lrc, debias=debias, wd_level=wd_level, window=window, maximize=maximize)
+    complements = dict(complements or {})
+    unknown = set(complements) - set(COMPLEMENT_NAMES)
+    if unknown:
+        raise ValueError(f"Invalid complements: {sorted(unknown)}; expected names among {COMPLEMENT_NAMES}.")
+    values = {"beta_n": beta_n, "beta_a": beta_a, "beta_i": beta_i, "gamma_i": gamma_i}
+
+    def one_minus(name):
+        return complements[name] if name in complements else C.one_minus(values[name])
+
     aoptlr = bool(aoptlr)
     num_lrc = int(num_lrc)
     estimated = aoptlr and num_lrc in NUMERATOR_CONFIGS
@@ -204,26 +228,28 @@ def scale_by_autosgm(
             decay = _in(dtype, weight_decay) * w
             if wd_level == 0:
                 g = g + decay
-        m, grad_filter = lowpass(grad_filter, g, t, beta_i, gamma_i, eta_i, debias=debias)
+        m, grad_filter = lowpass(grad_filter, g, t, beta_i, gamma_i, eta_i, debias=debias,
+                                 one_minus_beta=one_minus("beta_i"), one_minus_gamma=one_minus("gamma_i"))
         if aoptlr:
             eps_t = _in(dtype, eps)
             shifted = g + eps_t
-            v_hat, moment = lowpass(moment, shifted * shifted, t, beta_a, 0.0, 0.0, debias=debias)
+            v_hat, moment = lowpass(moment, shifted * shifted, t, beta_a, 0.0, 0.0, debias=debias,
+                                    one_minus_beta=one_minus("beta_a"))
             denom = jnp.sqrt(v_hat) + eps_t
             u, v = g / denom, m / denom
         else:
             u, v = g, m
         if decay is not None and wd_level == 1:
-            ratio = C.one_minus(beta_i)
-            ratio = ratio / C.one_minus(gamma_i) if not is_zero(gamma_i) else ratio
+            ratio = one_minus("beta_i")
+            ratio = ratio / one_minus("gamma_i") if not is_zero(gamma_i) else ratio
             v = v + _in(dtype, ratio) * decay
         if huber:
-            v, huber_mean, huber_var = _huber(v, huber_mean, huber_var, beta_n, eps)
+            v, huber_mean, huber_var = _huber(v, huber_mean, huber_var, beta_n, eps, one_minus("beta_n"))
         alpha0 = _f32(learning_rate)
         win = jnp.float32(1.0) if window is None else _f32(window(count))
         if estimated:
             alpha0_t = alpha0.astype(dtype)
-            one_minus_bn = _in(dtype, C.one_minus(beta_n))
+            one_minus_bn = _in(dtype, one_minus("beta_n"))
             bn = _in(dtype, beta_n)
             q_c = wsq + one_minus_bn * (w * w)
             wsq = bn * q_c
@@ -233,7 +259,7 @@ def scale_by_autosgm(
                 a = jnp.minimum(jnp.abs(q_p), alpha0_t * kappa)
             elif num_lrc == 2:
                 z = w * v
-                q_r = pcx + _in(dtype, C.one_minus(beta_a)) * jnp.abs(z)
+                q_r = pcx + _in(dtype, one_minus("beta_a")) * jnp.abs(z)
                 pcx = _in(dtype, beta_a) * q_r
                 clipped = jnp.sign(z) * jnp.minimum(jnp.abs(z), HUBER_CLIP * q_r)
                 q_p = numerator + (alpha0_t * clipped) / kappa
@@ -287,10 +313,9 @@ def scale_by_autosgm(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _huber(v, mean, var, beta_n, eps):
+def _huber(v, mean, var, beta_n, eps, one_minus_bn):
     """Chebyshev-type clip of the whole normalised step (per tensor; μ, σ² float32 states)."""
     dtype = v.dtype
-    one_minus_bn = C.one_minus(beta_n)
     bn32 = _f32(beta_n)
     norm = jnp.sqrt(jnp.sum(v * v))
     mean = (bn32 * mean) + (_in(dtype, one_minus_bn) * norm).astype(jnp.float32)

@@ -42,18 +42,18 @@ def is_zero(value: Any) -> bool:
     return bool(np.all(np.asarray(value) == 0))
 
 
-def input_gain(beta: Any, eta: Any) -> Any:
+def input_gain(beta: Any, eta: Any, one_minus_beta: Any = None) -> Any:
     """η′: ``eta`` when non-zero, else 1 − β (in Python double for Python numbers, as the reference forms it)."""
-    one_minus_beta = C.one_minus(beta)
+    one_minus_beta = C.one_minus(beta) if one_minus_beta is None else one_minus_beta
     if C.is_concrete(eta):
         return one_minus_beta if is_zero(eta) else (float(eta) if np.ndim(eta) == 0 else eta)
     return jnp.where(jnp.asarray(eta) != 0, eta, one_minus_beta)
 
 
-def debias_factor(beta: Any, eta: Any, count: jax.Array, dtype: Any) -> jax.Array:
+def debias_factor(beta: Any, eta: Any, count: jax.Array, dtype: Any, one_minus_beta: Any = None) -> jax.Array:
     """((1 − β)/η′) / (1 − β^t), computed in ``dtype``; 1 − β^t as −expm1(t·log1p(−(1 − β))) (accurate)."""
-    one_minus_beta = C.one_minus(beta)
-    gain = input_gain(beta, eta)
+    one_minus_beta = C.one_minus(beta) if one_minus_beta is None else one_minus_beta
+    gain = input_gain(beta, eta, one_minus_beta)
     ratio = jnp.asarray(one_minus_beta, dtype) / jnp.asarray(gain, dtype)
     return ratio / C.bias_correction_from(one_minus_beta, count, dtype)
 
@@ -68,6 +68,8 @@ def lowpass(
     *,
     debias: bool = False,
     segments: Any = None,
+    one_minus_beta: Any = None,
+    one_minus_gamma: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One step of F(β, γ, η, D) on ``x``: returns ``(y, new_state)`` in ``x``'s dtype.
 
@@ -79,10 +81,13 @@ def lowpass(
       debias: multiply the output by ((1 − β)/η′)/(1 − β^t) (computed in float64 with x64, else float32,
         then cast to the input dtype).
       segments: flat layout (per-segment counters are broadcast to elements).
+      one_minus_beta, one_minus_gamma: 1 − β and 1 − γ when known more precisely than β and γ (a traced
+        float32 β = 0.9999 carries 1 − β only to 1.7e-4 relative; the torch bridge passes the complements
+        formed in double on the host).
     """
     dtype = x.dtype
     t = C.per_element(count, segments)
-    gain = jnp.asarray(input_gain(beta, eta), dtype)
+    gain = jnp.asarray(input_gain(beta, eta, one_minus_beta), dtype)
     beta_t = jnp.asarray(beta, dtype)
     weighted = gain * x
     q = state + weighted
@@ -92,10 +97,10 @@ def lowpass(
     else:
         gamma_t = jnp.asarray(gamma, dtype)
         # 1 − γ in double for Python numbers (as the reference forms it), then the division in x's dtype.
-        norm = jnp.asarray(C.one_minus(gamma), dtype)
+        norm = jnp.asarray(C.one_minus(gamma) if one_minus_gamma is None else one_minus_gamma, dtype)
         y = jnp.where(t == 1, q, q / norm)
         new_state = beta_t * q - gamma_t * weighted
     if debias:
-        factor = debias_factor(beta, eta, t, compute_dtype()).astype(dtype)
+        factor = debias_factor(beta, eta, t, compute_dtype(), one_minus_beta).astype(dtype)
         y = y * factor
     return y.astype(dtype), new_state.astype(dtype)
