@@ -23,8 +23,14 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+FAST = {("a_num_lrc3_cosine", "f32"), ("a_num_lrc3_cosine", "f64"), ("heavy_ball", "f32"), ("huberised_step", "f64")}
+BRIDGE_CASES = [
+    pytest.param(name, dtype, id=f"{name}-{tag}", marks=() if (name, tag) in FAST else pytest.mark.slow)
+    for name in CONFIGS for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64"))
+]
+
+
+@pytest.mark.parametrize("name, dtype", BRIDGE_CASES)
 def test_bridge_matches_jax(name, dtype):
     cfg = CONFIGS[name]
     with S.x64_for(dtype):
