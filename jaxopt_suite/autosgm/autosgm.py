@@ -66,13 +66,18 @@ NUMERATOR_CONFIGS = (1, 2, 3)
 class AutoSGMState(NamedTuple):
     """State of :func:`scale_by_autosgm` (absent fields are ``None``; all start at zero).
 
+    The elementwise filter states hold the *pre-pole* sum q_t of the transposed form (the reference stores
+    S_t = β·q_t; the next step forms β·q_t itself, with the same roundings), except ``grad_filter`` with a
+    non-zero (or traced) γ_i, which holds S_t. Keeping q lets the output and the new state be one value,
+    which avoids copies of donated state buffers.
+
     Attributes:
       count: per-leaf int32 step count t (the reference's per-parameter ``step``).
-      grad_filter: smoothing-filter state (reference ``g_sm``).
-      moment: moment-filter state of (g + ε)² (reference ``g_var``), when ``aoptlr``.
-      numerator: per-element state of the numerator estimate (reference ``pc``), num_lrc ∈ {1, 2, 3}.
-      wsq: EMA state of w² (reference ``wsq``), num_lrc ∈ {1, 2, 3}.
-      pcx: EMA state of |w·v| for the Markov clip (reference ``pcx``), num_lrc = 2.
+      grad_filter: smoothing-filter state (reference ``g_sm``, as q_t or S_t, see above).
+      moment: moment-filter state of (g + ε)² (reference ``g_var`` / β_a), when ``aoptlr``.
+      numerator: per-element state of the numerator estimate (reference ``pc`` / β_n), num_lrc ∈ {1, 2, 3}.
+      wsq: EMA state of w² (reference ``wsq`` / β_n), num_lrc ∈ {1, 2, 3}.
+      pcx: EMA state of |w·v| for the Markov clip (reference ``pcx`` / β_a), num_lrc = 2.
       lr_num: per-leaf float32 state of the pole-0.1 numerator smoother (reference ``lr_num``).
       huber_mean: per-leaf float32 EMA of ‖v‖ (reference ``cmag``), num_lrc = 4.
       huber_var: per-leaf float32 EMA of δ² (reference ``cvar``), num_lrc = 4.
@@ -251,23 +256,24 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             alpha0_t = alpha0.astype(dtype)
             one_minus_bn = _in(dtype, one_minus("beta_n"))
             bn = _in(dtype, beta_n)
-            q_c = wsq + one_minus_bn * (w * w)
-            wsq = bn * q_c
+            # pre-pole EMA states (they hold q; S = β·q is formed at the next step, see filters.lowpass)
+            q_c = bn * wsq + one_minus_bn * (w * w)
+            wsq = q_c
             kappa = 1.0 + q_c
             if num_lrc == 1:
-                q_p = numerator + (alpha0_t * w) * v
+                q_p = bn * numerator + (alpha0_t * w) * v
                 a = jnp.minimum(jnp.abs(q_p), alpha0_t * kappa)
             elif num_lrc == 2:
                 z = w * v
-                q_r = pcx + _in(dtype, one_minus("beta_a")) * jnp.abs(z)
-                pcx = _in(dtype, beta_a) * q_r
+                q_r = _in(dtype, beta_a) * pcx + _in(dtype, one_minus("beta_a")) * jnp.abs(z)
+                pcx = q_r
                 clipped = jnp.sign(z) * jnp.minimum(jnp.abs(z), HUBER_CLIP * q_r)
-                q_p = numerator + (alpha0_t * clipped) / kappa
+                q_p = bn * numerator + (alpha0_t * clipped) / kappa
                 a = jnp.minimum(jnp.abs(q_p), alpha0_t * kappa)
             else:
-                q_p = numerator + one_minus_bn * ((alpha0_t * u) * u)
+                q_p = bn * numerator + one_minus_bn * ((alpha0_t * u) * u)
                 a = jnp.minimum(q_p, alpha0_t)
-            numerator = bn * q_p
+            numerator = q_p
             # N = f32(N_state) + f32(0.9·mean(a)): the mean is formed in T, the smoother runs in float32.
             n_new = lr_num + ((1.0 - NUMERATOR_POLE) * jnp.mean(a)).astype(jnp.float32)
             lr_num = n_new * jnp.float32(NUMERATOR_POLE)

@@ -73,8 +73,11 @@ def lowpass(
 ) -> tuple[jax.Array, jax.Array]:
     """One step of F(β, γ, η, D) on ``x``: returns ``(y, new_state)`` in ``x``'s dtype.
 
+    State representation: with γ a concrete 0 the state holds the pre-pole sum q_t (S_t = β·q_t is formed at
+    the next step, with the same roundings); otherwise it holds S_t. Both start at zero.
+
     Args:
-      state: filter state ``S`` (zeros before the first step), shaped like ``x``.
+      state: filter state (zeros before the first step), shaped like ``x``.
       x: the input ``x_t``.
       count: the step ``t ≥ 1`` of this tensor (int; 0-d, or per segment in the flat layout).
       beta: pole β ∈ [0, 1).  gamma: zero γ (γ < β, 0 = pure pole).  eta: input gain (0 → 1 − β).
@@ -90,11 +93,15 @@ def lowpass(
     gain = jnp.asarray(input_gain(beta, eta, one_minus_beta), dtype)
     beta_t = jnp.asarray(beta, dtype)
     weighted = gain * x
-    q = state + weighted
     if is_zero(gamma):
+        # pre-pole state: the stored value is q_t itself and S_{t-1} = β·q_{t-1} is formed here (the same
+        # two roundings as storing S); the output and the new state are then one value, so a donated state
+        # buffer can be overwritten in place without XLA copying the old one first.
+        q = beta_t * state + weighted
         y = q
-        new_state = beta_t * q
+        new_state = q
     else:
+        q = state + weighted
         gamma_t = jnp.asarray(gamma, dtype)
         # 1 − γ in double for Python numbers (as the reference forms it), then the division in x's dtype.
         norm = jnp.asarray(C.one_minus(gamma) if one_minus_gamma is None else one_minus_gamma, dtype)
