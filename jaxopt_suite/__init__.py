@@ -7,6 +7,14 @@ optimizers that tests, the torch bridge and the demo read.
 
 from ._common import FlatLayout, get_hyperparams, zero_masked
 from .adam import AdamState, adam, adamw, scale_by_adam
+from .autosgm import (
+    AutoSGMState,
+    autosgm,
+    autosgm_from_config,
+    autosgm_window,
+    kronecker_positions,
+    scale_by_autosgm,
+)
 from .adopt import ADOPTState, adopt, default_clip_value, scale_by_adopt
 from .asgd import ASGDState, asgd, asgd_averaged_params, scale_by_asgd
 from .lookahead import LookaheadState, lookahead, lookahead_adam, lookahead_sgd, lookahead_slow_params
@@ -21,6 +29,12 @@ __all__ = [
     "adam",
     "adamw",
     "scale_by_adam",
+    "AutoSGMState",
+    "autosgm",
+    "autosgm_from_config",
+    "autosgm_window",
+    "kronecker_positions",
+    "scale_by_autosgm",
     "ADOPTState",
     "adopt",
     "default_clip_value",

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 from .adam import adam, adamw
 from .adopt import adopt
 from .asgd import asgd
+from .autosgm import autosgm
 from .lookahead import lookahead_adam, lookahead_sgd
 from .sgd import sgd
 
@@ -241,4 +242,66 @@ register(OptimizerEntry(
     torch_bridge_class="Lookahead",
     torch_state_keys=("step", "exp_avg", "exp_avg_sq", "slow_param"),
     description="Lookahead over Adam (torch.optim.Adam inner)",
+))
+
+
+# ------------------------------------------------------------------------------------------------
+# AutoSGM family (autosgm.md): named points of the lowpass-filter / learning-rate design space
+# ------------------------------------------------------------------------------------------------
+
+_AUTOSGM_STATIC = ("aoptlr", "num_lrc", "debias", "wd_level", "window", "maximize")
+_AUTOSGM_HYPER = ("learning_rate", "beta_n", "beta_a", "beta_i", "gamma_i", "eta_i", "weight_decay", "eps")
+_AUTOSGM_STATE = ("step", "g_sm", "g_var", "pc", "wsq", "pcx", "lr_num", "cmag", "cvar")
+
+
+def _autosgm_entry(name, kwargs, *, converge=None, demo_kwargs=None, description=""):
+    return OptimizerEntry(
+        name=name,
+        factory=autosgm,
+        family="autosgm",
+        kwargs=kwargs,
+        static_args=_AUTOSGM_STATIC,
+        hyperparams=_AUTOSGM_HYPER,
+        converge=converge or {},
+        demo_kwargs=demo_kwargs or {},
+        torch_bridge_class="AutoSGM",
+        torch_state_keys=_AUTOSGM_STATE,
+        supports_complex=False,
+        supports_segments=False,
+        supports_grad_mask=True,
+        description=description,
+    )
+
+
+register(_autosgm_entry(
+    "autosgm_hb",
+    {"aoptlr": False, "beta_i": 0.9, "eta_i": 1.0, "debias": False},
+    converge={"parabola": {"learning_rate": 1e-2}, "rosenbrock": {"learning_rate": 1e-3}},
+    demo_kwargs={"learning_rate": 0.05},
+    description="AutoSGM heavy ball (= torch SGD momentum 0.9)",
+))
+
+register(_autosgm_entry(
+    "autosgm_nag",
+    {"aoptlr": False, "beta_i": 0.9, "gamma_i": 0.9 / 1.9, "eta_i": 1.0, "debias": False},
+    converge={"parabola": {"learning_rate": 1e-2}, "rosenbrock": {"learning_rate": 1e-3}},
+    demo_kwargs={"learning_rate": 0.05},
+    description="AutoSGM Nesterov (filter zero beta/(1+beta))",
+))
+
+register(_autosgm_entry(
+    "autosgm_adam",
+    {"aoptlr": True, "num_lrc": 0, "beta_i": 0.9, "beta_a": 0.999, "eps": 1e-8},
+    converge={"parabola": {"learning_rate": 1e-1}, "rosenbrock": {"learning_rate": 1e-2}},
+    demo_kwargs={"learning_rate": 3e-3},
+    description="AutoSGM moment-normalised EMA (Adam-like, eps inside and outside the root)",
+))
+
+register(_autosgm_entry(
+    "autosgm_parcor",
+    {"aoptlr": True, "num_lrc": 1, "beta_i": 0.9, "gamma_i": 0.5528},
+    # not Rosenbrock: from (0, 0) the parcor numerator α0·w·v is zero and the iterate never leaves the start
+    converge={"parabola": {"learning_rate": 1e-2}},
+    demo_kwargs={"learning_rate": 1e-2},
+    description="AutoSGM parcor learning-rate numerator (num_lrc=1), filter zero 0.5528",
 ))
