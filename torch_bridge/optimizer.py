@@ -715,9 +715,16 @@ class _LazyState(collections.defaultdict):
 
 
 class _GroupRuntime:
-    def __init__(self, params, buffers):
-        self.param_ids = [id(p) for p in params]
+    def __init__(self, group, buffers):
+        self.params_list = group["params"]  # the group's list object (identity check per step)
+        self.param_ids = [id(p) for p in group["params"]]
         self.buffers = buffers
+
+    def matches(self, group) -> bool:
+        params = group["params"]
+        if params is self.params_list and len(params) == len(self.param_ids):
+            return True
+        return self.param_ids == [id(p) for p in params]
 
 
 class JaxOptimizer(torch.optim.Optimizer):
@@ -890,11 +897,11 @@ class JaxOptimizer(torch.optim.Optimizer):
                 buffers.append(_SimpleBuffer(params))
         for buf in buffers:
             buf.stepped = np.array([bool(dict.get(self.state, p)) for p in buf.params], dtype=bool)
-        return _GroupRuntime(params, buffers)
+        return _GroupRuntime(group, buffers)
 
     def _ensure_runtime(self):
         if self._runtime_valid and len(self._runtime) == len(self.param_groups):
-            ok = all(rt.param_ids == [id(p) for p in g["params"]] for rt, g in zip(self._runtime, self.param_groups))
+            ok = all(rt.matches(g) for rt, g in zip(self._runtime, self.param_groups))
             if ok:
                 return
         old = self._runtime
