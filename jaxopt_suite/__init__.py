@@ -7,6 +7,17 @@ optimizers that tests, the torch bridge and the demo read.
 
 from ._common import FlatLayout, get_hyperparams, zero_masked
 from .adam import AdamState, adam, adamw, scale_by_adam
+from .elra import (
+    ElraBoostState,
+    ElraState,
+    elra,
+    elra_boost_init,
+    elra_boost_result,
+    elra_boost_update,
+    elra_next_call_is_real_step,
+    elra_step,
+    scale_by_elra,
+)
 from .sgd import SGDState, scale_by_sgd_momentum, sgd
 from . import registry
 
@@ -18,6 +29,15 @@ __all__ = [
     "adam",
     "adamw",
     "scale_by_adam",
+    "ElraBoostState",
+    "ElraState",
+    "elra",
+    "elra_boost_init",
+    "elra_boost_result",
+    "elra_boost_update",
+    "elra_next_call_is_real_step",
+    "elra_step",
+    "scale_by_elra",
     "SGDState",
     "scale_by_sgd_momentum",
     "sgd",

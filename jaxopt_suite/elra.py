@@ -143,7 +143,7 @@ _SKIP, _COLLECT, _FIRST, _ACCEPT, _RETRACE = range(5)
 
 def control_dtype() -> Any:
     """float64 when ``jax_enable_x64`` is on (needed for parity with the reference), else float32."""
-    return jnp.dtype(jnp.float64) if jax.config.jax_enable_x64 else jnp.dtype(jnp.float32)
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -456,7 +456,7 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
 
         def coeff():
             xnorm = _tree_norm(params, cd)
-            gnorm = jax.lax.cond(rs["g_col"] > 0, lambda: rs["g_col"], lambda: _tree_norm(g, cd))
+            gnorm = jnp.where(rs["g_col"] > 0, rs["g_col"], _tree_norm(g, cd))
             kappa = jnp.where(xnorm == 0, 0.0, (0.005 / jnp.where(xnorm == 0, 1.0, xnorm)) * gnorm)
             return (rs["wd"] * kappa) * jnp.where(rs["increase"], 4.0, 2.0)
 
@@ -595,8 +595,7 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
             x_a = _axpy(params, old - alpha, g_old)
             return _tree_where(twice, _axpy(x_a, -alpha, g_old), x_a)
 
-        x_new = jax.lax.cond(real["has_lastgood"], lambda: _axpy(real["x_lastgood"], -step, g_old),
-                             without_lastgood)
+        x_new = _tree_where(real["has_lastgood"], _axpy(real["x_lastgood"], -step, g_old), without_lastgood())
         d["coll_ggc"] = real["coll_ggc"] + real["norm_g_old"]
         d["last_moved"] = jnp.bool_(True)
         d["last_retrace"] = jnp.bool_(True)

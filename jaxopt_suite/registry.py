@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 # Import functions, not modules: the package re-exports functions named like their modules
 # (``jaxopt_suite.sgd`` is the function), so ``from . import sgd`` would not give the module.
 from .adam import adam, adamw
+from .elra import elra
 from .sgd import sgd
 
 
@@ -148,4 +149,40 @@ register(OptimizerEntry(
     torch_bridge_class="AdamW",
     torch_state_keys=("step", "exp_avg", "exp_avg_sq"),
     description="AdamW, decoupled decay (torch.optim.AdamW)",
+))
+
+# ------------------------------------------------------------------------------------------------
+# ELRA family (elra.md): one factory, two modes selected by the static ``classes``
+# ------------------------------------------------------------------------------------------------
+
+register(OptimizerEntry(
+    name="elra_math",
+    factory=elra,
+    family="elra",
+    kwargs={"classes": 0},
+    requires_value=True,
+    static_args=("classes", "batch_size", "segments"),
+    hyperparams=("learning_rate", "weight_decay", "warmup", "momentum"),
+    converge={"parabola": {"learning_rate": 1e-5}, "rosenbrock": {"learning_rate": 1e-3}},
+    demo_kwargs={"learning_rate": 1e-4, "warmup": 10},
+    torch_bridge_class="ELRA",
+    torch_state_keys=("x_lastgood", "g_old"),
+    supports_complex=False,
+    description="ELRA P2M, MATH mode (steps by the adaptive alpha; elra 0.0.5 default)",
+))
+
+register(OptimizerEntry(
+    name="elra_dnn",
+    factory=elra,
+    family="elra",
+    kwargs={"classes": 10, "batch_size": 64},
+    requires_value=True,
+    static_args=("classes", "batch_size", "segments"),
+    hyperparams=("learning_rate", "weight_decay", "warmup", "momentum"),
+    converge={"parabola": {"learning_rate": 1e-5}},
+    demo_kwargs={"learning_rate": 1e-5},
+    torch_bridge_class="ELRA",
+    torch_state_keys=("x_lastgood", "g_old", "coll_grad"),
+    supports_complex=False,
+    description="ELRA P2M, DNN mode (clipped lr, dynamic batch size; classes=10)",
 ))

@@ -1,0 +1,360 @@
+"""ELRA parity against the PyPI package ``elra`` 0.0.5 by teacher forcing.
+
+The reference optimizer's internal step (``opt.step_call(x_flat, f, g_flat | None)``) is wrapped: every call's
+inputs are copied, the reference step runs, and the *same* inputs go through :func:`jaxopt_suite.elra_step`
+with the JAX state evolving on its own. After each call the branch taken (collect-only / moved / retrace),
+the new parameters and the reference's scalar state are compared with ours. ``set_train_loss`` /
+``set_valid_loss`` are recorded and passed with the next call (``train_loss=`` / ``valid_loss=``).
+
+Each scenario reports the number of calls, branch and counter mismatches, the largest relative parameter
+difference and the largest relative difference per continuous scalar. ``python -m parity`` shows them as
+rows (see :data:`CASES`); the tests in ``tests/jaxopt_suite/test_elra_parity.py`` assert the tolerances.
+
+The reference writes ``state_lgs.txt`` into the working directory and prints; scenarios run inside a
+temporary directory with stdout captured. Determinism needs ``torch.set_num_threads(1)`` and JAX x64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+import os
+import tempfile
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+# reference scalar name -> (our ElraState field, kind): kind "exact" (counters, flags) or "float"
+SCALARS = {
+    "alpha": ("alpha", "float"), "lr": ("lr", "float"), "lrOld": ("lr_old", "float"),
+    "learningRateSchedule": ("lrs", "float"), "S": ("S", "float"), "meanAngle": ("mean_angle", "float"),
+    "meanAngleMax": ("mean_angle_max", "float"), "lastFmean": ("last_fmean", "float"),
+    "lastDev": ("last_dev", "float"), "DevCorrection": ("dev_correction", "float"), "g_col": ("g_col", "float"),
+    "Increase": ("increase", "exact"), "Increase3": ("increase3", "exact"), "lastRed": ("last_red", "exact"),
+    "sumFvalue": ("sum_f", "float"), "sumVar": ("sum_var", "float"), "WD": ("wd", "float"),
+    "step_cnt": ("step_cnt", "exact"), "step_cnt2": ("step_cnt2", "exact"), "collects": ("collects", "exact"),
+    "coll_ggc": ("coll_ggc", "float"), "BestCol": ("best_col", "float"), "MinCollect": ("min_collect", "exact"),
+    "statlength": ("statlength", "exact"),
+    "_SelfConstOptim__initfkt": ("init_f", "float"), "_SelfConstOptim__last_fkt": ("last_f", "float"),
+    "_SelfConstOptim__norm_yg_old": ("norm_g_old", "float"), "_SelfConstOptim__retrace": ("retrace", "exact"),
+    "_SelfConstOptim__retrace2": ("retrace2", "exact"), "_SelfConstOptim__retrace3": ("retrace3", "exact"),
+    "_SelfConstOptim__growthdamper": ("damp", "float"),
+}
+
+
+@dataclasses.dataclass
+class ReplayReport:
+    """What one teacher-forced scenario measured."""
+
+    name: str
+    calls: int = 0
+    real_calls: int = 0
+    retraces: int = 0
+    collect_only: int = 0
+    branch_mismatches: int = 0
+    counter_mismatches: int = 0
+    first_mismatch: Optional[str] = None
+    x_max_rel: float = 0.0
+    scalar_max_rel: dict = dataclasses.field(default_factory=dict)
+    floor_deadlock: bool = False  # two consecutive reference retraces with lr == 1e-5
+    final_collects: int = 0
+
+    def worst_scalar(self, exclude=()) -> float:
+        vals = [v for k, v in self.scalar_max_rel.items() if k not in exclude]
+        return max(vals) if vals else 0.0
+
+
+def _rel(ours: float, ref: float) -> float:
+    if ours == ref or (math.isnan(ours) and math.isnan(ref)):
+        return 0.0
+    return abs(ours - ref) / max(abs(ref), 1e-30)
+
+
+class TeacherForcing:
+    """Wraps a reference ``ElraOptimizer`` so that every call is replayed through ``elra_step``."""
+
+    def __init__(self, ref_opt, shapes, *, scalar_floor: float = 1e-12, **elra_kwargs):
+        import jax
+        import jax.numpy as jnp
+
+        from jaxopt_suite.elra import elra, elra_step
+
+        self._jnp = jnp
+        self.ref = ref_opt
+        self.inst = ref_opt._ElraOptimizer__optim_instance
+        self.shapes = [tuple(s) for s in shapes]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.kwargs = elra_kwargs
+        self.scalar_floor = scalar_floor
+        params = self._split(np.zeros(sum(self.sizes), np.float32))
+        self.state = elra(**elra_kwargs).init(params)
+        kw = dict(elra_kwargs)
+        self._step = jax.jit(lambda g, s, p, v, fr, tl, vl: elra_step(
+            g, s, p, value=v, force_retrace=fr, train_loss=tl, valid_loss=vl, **kw))
+        self.pending_train = math.nan
+        self.pending_valid = math.nan
+        self.report = ReplayReport(name="")
+        self._prev_ref_floor_retrace = False
+        self._orig = ref_opt.step_call
+        ref_opt.step_call = self._call
+        orig_train, orig_valid = ref_opt.set_train_loss, ref_opt.set_valid_loss
+
+        def set_train(loss, boost=None):
+            self.pending_train = float(loss)
+            return orig_train(loss, boost)
+
+        def set_valid(loss, boost=None, accu=None):
+            self.pending_valid = float(loss)
+            return orig_valid(loss, boost, accu)
+
+        ref_opt.set_train_loss, ref_opt.set_valid_loss = set_train, set_valid
+
+    def _split(self, flat):
+        out, off = [], 0
+        for shape, size in zip(self.shapes, self.sizes):
+            out.append(self._jnp.asarray(flat[off:off + size].reshape(shape)))
+            off += size
+        return out
+
+    def _call(self, x, f, g):
+        import jax
+
+        rep = self.report
+        x_in = x.detach().cpu().numpy().copy()
+        g_in = None if g is None else g.detach().cpu().numpy().copy()
+        f_in = float(f)
+        out = self._orig(x, f, g)
+        ref_x, _, ref_retrace = out
+        ref_x = None if ref_x is None else ref_x.detach().cpu().numpy().copy()
+
+        params = self._split(x_in)
+        grads = self._split(g_in) if g_in is not None else [self._jnp.zeros(s, self._jnp.float32) for s in self.shapes]
+        x_new, self.state = self._step(grads, self.state, params, f_in, g_in is None,
+                                       self.pending_train, self.pending_valid)
+        self.pending_train = self.pending_valid = math.nan
+        st = jax.device_get(self.state)
+        rep.calls += 1
+        moved = bool(st.last_moved)
+        if ref_x is None:
+            rep.collect_only += 1
+        else:
+            rep.real_calls += 1
+            rep.retraces += int(bool(ref_retrace))
+        if moved != (ref_x is not None) or (moved and bool(st.last_retrace) != bool(ref_retrace)):
+            rep.branch_mismatches += 1
+            if rep.first_mismatch is None:
+                rep.first_mismatch = (f"call {rep.calls}: ours moved={moved} retrace={bool(st.last_retrace)}, "
+                                      f"reference moved={ref_x is not None} retrace={bool(ref_retrace)}")
+        if ref_x is not None and moved:
+            ours = np.concatenate([np.asarray(v).reshape(-1) for v in x_new])
+            scale = max(float(np.max(np.abs(ref_x))), 1e-30)
+            rep.x_max_rel = max(rep.x_max_rel, float(np.max(np.abs(ours - ref_x))) / scale)
+        for ref_name, (ours_name, kind) in SCALARS.items():
+            ref_val = getattr(self.inst, ref_name)
+            if ref_val is None:
+                ref_val = 0
+            ref_val = float(ref_val)
+            our_val = float(np.asarray(getattr(st, ours_name)))
+            if kind == "exact":
+                if our_val != ref_val:
+                    rep.counter_mismatches += 1
+                    if rep.first_mismatch is None:
+                        rep.first_mismatch = f"call {rep.calls}: {ref_name} ours={our_val} reference={ref_val}"
+            else:
+                if abs(ref_val) < self.scalar_floor and abs(our_val) < self.scalar_floor:
+                    continue
+                r = _rel(our_val, ref_val)
+                if r > rep.scalar_max_rel.get(ours_name, 0.0):
+                    rep.scalar_max_rel[ours_name] = r
+        if ref_x is not None and ref_retrace:
+            at_floor = self.inst.lr == 1e-5
+            if at_floor and self._prev_ref_floor_retrace:
+                rep.floor_deadlock = True
+            self._prev_ref_floor_retrace = at_floor
+        elif ref_x is not None:
+            self._prev_ref_floor_retrace = False
+        rep.final_collects = int(st.collects)
+        return out
+
+
+@contextlib.contextmanager
+def reference_sandbox():
+    """Run the reference inside a temporary working directory with its prints captured, 1 torch thread."""
+    import torch
+
+    old_cwd = os.getcwd()
+    old_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="elra_ref_") as tmp:
+        os.chdir(tmp)
+        torch.set_num_threads(1)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield tmp
+        finally:
+            os.chdir(old_cwd)
+            torch.set_num_threads(old_threads)
+
+
+def _x64():
+    import jax
+
+    return jax.enable_x64(True)
+
+
+def _make_reference(params, **kwargs):
+    from elra import ElraOptimizer
+
+    return ElraOptimizer(params, **kwargs)
+
+
+def _elra_kwargs(lr, classes, batch_size, weight_decay=0.0, momentum=None, warmup=1):
+    return dict(learning_rate=lr, classes=classes, batch_size=batch_size, weight_decay=weight_decay,
+                momentum=momentum, warmup=warmup)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# scenarios
+# ------------------------------------------------------------------------------------------------------------
+
+
+def digits_data():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def digits_mlp(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                               torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+
+def run_digits(name: str, *, epochs: int, batch: int, classes: int = 10, opt_batch_size: int = 64,
+               lr: float = 1e-5, weight_decay: float = 0.0, momentum=None, warmup: int = 1,
+               nan_every: int = 0, retrace_every: int = 0, set_losses: bool = False, seed: int = 0,
+               max_calls: Optional[int] = None) -> ReplayReport:
+    """Digits MLP 64-128-64-10 trained by the reference, every call replayed through JAX."""
+    import torch
+
+    X, Y = digits_data()
+    Xt, Yt = torch.from_numpy(X), torch.from_numpy(Y)
+    with reference_sandbox(), _x64():
+        model = digits_mlp(seed)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        opt = _make_reference(model.parameters(), batch_size=opt_batch_size, classes=classes, lr=lr,
+                              momentum=momentum, weight_decay=weight_decay, warmup=warmup)
+        tf = TeacherForcing(opt, [p.shape for p in model.parameters()],
+                            **_elra_kwargs(lr, classes, opt_batch_size, weight_decay, momentum, warmup))
+        tf.report.name = name
+        rng = np.random.default_rng(seed)
+        call = 0
+        for _ in range(epochs):
+            order = rng.permutation(len(X))
+            for start in range(0, len(X), batch):
+                idx = torch.from_numpy(order[start:start + batch])
+                opt.zero_grad()
+                loss = loss_fn(model(Xt[idx]), Yt[idx])
+                call += 1
+                if nan_every and call % nan_every == 0:
+                    opt.step(float("nan"))
+                elif retrace_every and call % retrace_every == 0 and call > 1:
+                    opt.step_retrace(loss.item())
+                else:
+                    loss.backward()
+                    opt.step(loss.item())
+                if max_calls and call >= max_calls:
+                    break
+            if set_losses:
+                with torch.no_grad():
+                    full = float(loss_fn(model(Xt), Yt))
+                opt.set_train_loss(full)
+                opt.set_valid_loss(1.2 * full)
+        return tf.report
+
+
+def run_example1(name: str = "example1_math", *, steps: int = 2000, classes: int = 0, batch_size: int = 8,
+                 lr: float = 1e-6) -> ReplayReport:
+    """README Example 1: y = sin x fitted by Linear(3, 1) on (x, x², x³), MSE sum over 2000 points."""
+    import torch
+
+    with reference_sandbox(), _x64():
+        torch.manual_seed(0)
+        x = torch.linspace(-math.pi, math.pi, 2000)
+        y = torch.sin(x)
+        xx = x.unsqueeze(-1).pow(torch.tensor([1, 2, 3]))
+        model = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Flatten(0, 1))
+        loss_fn = torch.nn.MSELoss(reduction="sum")
+        opt = _make_reference(model.parameters(), lr=lr, classes=classes, batch_size=batch_size)
+        tf = TeacherForcing(opt, [p.shape for p in model.parameters()], **_elra_kwargs(lr, classes, batch_size))
+        tf.report.name = name
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn(model(xx), y)
+            loss.backward()
+            opt.step(loss.item())
+        return tf.report
+
+
+def run_linear_collect(name: str = "linear_collect", *, calls: int = 8000, seed: int = 0) -> ReplayReport:
+    """Collector growth: Linear(20, 10) on random labels, batches of 32 drawn with replacement."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    X = torch.from_numpy(rng.standard_normal((4000, 20)).astype(np.float32))
+    Y = torch.from_numpy(rng.integers(0, 10, 4000).astype(np.int64))
+    with reference_sandbox(), _x64():
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(20, 10)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        opt = _make_reference(model.parameters(), batch_size=768, classes=10, lr=1e-5)
+        tf = TeacherForcing(opt, [p.shape for p in model.parameters()], **_elra_kwargs(1e-5, 10, 768))
+        tf.report.name = name
+        for _ in range(calls):
+            idx = torch.from_numpy(rng.integers(0, 4000, 32))
+            opt.zero_grad()
+            loss = loss_fn(model(X[idx]), Y[idx])
+            loss.backward()
+            opt.step(loss.item())
+        return tf.report
+
+
+def run_rosenbrock(name: str = "rosenbrock_math", *, steps: int = 200, start=(0.3, 0.8),
+                   lr: float = 1e-6) -> ReplayReport:
+    """Rosenbrock (1 − x)² + 100(y − x²)² in float32, MATH mode."""
+    import torch
+
+    with reference_sandbox(), _x64():
+        p = torch.nn.Parameter(torch.tensor(start, dtype=torch.float32))
+        opt = _make_reference([p], lr=lr)
+        tf = TeacherForcing(opt, [p.shape], **_elra_kwargs(lr, 0, 8))
+        tf.report.name = name
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
+            loss.backward()
+            opt.step(loss.item())
+        return tf.report
+
+
+# scenario name -> (runner, x tolerance, scalar tolerance, scalars excluded from the tolerance)
+SCENARIOS: dict[str, tuple[Callable[[], ReplayReport], float, float]] = {
+    "digits_dnn": (lambda: run_digits("digits_dnn", epochs=5, batch=64), 1e-4, 1e-3),
+    "digits_wd_losses": (lambda: run_digits("digits_wd_losses", epochs=40, batch=32, opt_batch_size=768,
+                                            weight_decay=0.9999, set_losses=True), 1e-4, 1e-3),
+    "digits_nan": (lambda: run_digits("digits_nan", epochs=20, batch=64, opt_batch_size=768, nan_every=37),
+                   1e-4, 1e-3),
+    "digits_math": (lambda: run_digits("digits_math", epochs=10, batch=64, classes=0, lr=1e-4, warmup=10),
+                    1e-4, 1e-2),
+    "linear_collect": (lambda: run_linear_collect(), 1e-4, 1e-3),
+    "example1_math": (lambda: run_example1(), 1e-4, 1e-2),
+    "digits_step_retrace": (lambda: run_digits("digits_step_retrace", epochs=5, batch=64, retrace_every=41),
+                            1e-4, 1e-3),
+    "digits_momentum": (lambda: run_digits("digits_momentum", epochs=10, batch=64, momentum=0.9, warmup=50),
+                        1e-4, 1e-3),
+    "rosenbrock_math": (lambda: run_rosenbrock(), 1e-4, 1e-2),
+}
