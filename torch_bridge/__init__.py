@@ -5,7 +5,9 @@ and torch-format ``state_dict``. See :mod:`torch_bridge.optimizer` for the execu
 """
 
 from .adam import Adam, AdamW
+from .elra import ELRA, ElraGradScaler, ElraOptimizer
 from .optimizer import JaxOptimizer, compiled_step_cache_size
 from .sgd import SGD
 
-__all__ = ["JaxOptimizer", "SGD", "Adam", "AdamW", "compiled_step_cache_size"]
+__all__ = ["JaxOptimizer", "SGD", "Adam", "AdamW", "ELRA", "ElraOptimizer", "ElraGradScaler",
+           "compiled_step_cache_size"]
