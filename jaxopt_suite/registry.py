@@ -18,6 +18,9 @@ from typing import Any, Callable, Mapping, Optional
 # Import functions, not modules: the package re-exports functions named like their modules
 # (``jaxopt_suite.sgd`` is the function), so ``from . import sgd`` would not give the module.
 from .adam import adam, adamw
+from .adopt import adopt
+from .asgd import asgd
+from .lookahead import lookahead_adam, lookahead_sgd
 from .elra import elra
 from .sgd import sgd
 
@@ -46,9 +49,13 @@ class OptimizerEntry:
       torch_class: the ``torch.optim`` class reproduced exactly, if any (``"Adam"``...).
       torch_bridge_class: name of the class in ``torch_bridge``.
       torch_state_keys: per-parameter state keys in the torch ``state_dict``.
+      torch_reference: dotted import path of the torch implementation reproduced exactly when it is not
+        in ``torch.optim`` (``"adopt.ADOPT"`` from torch-adopt), else ``None``.
       supports_complex: whether complex parameters are supported.
       supports_segments: the factory accepts ``segments=FlatLayout`` (flat bridge path).
       stochastic: the update uses randomness (a PRNG key in state).
+      supports_grad_mask: ``update`` honours the ``grad_mask`` extra arg (torch's skip of parameters without
+        a gradient): a False leaf gets an exactly zero update and bit-identical state.
       description: one line for tables.
     """
 
@@ -64,9 +71,11 @@ class OptimizerEntry:
     torch_class: Optional[str] = None
     torch_bridge_class: Optional[str] = None
     torch_state_keys: tuple[str, ...] = ()
+    torch_reference: Optional[str] = None
     supports_complex: bool = True
     supports_segments: bool = True
     stochastic: bool = False
+    supports_grad_mask: bool = False
     description: str = ""
 
     def build(self, **overrides: Any):
@@ -118,6 +127,7 @@ register(OptimizerEntry(
     demo_kwargs={"learning_rate": 0.05, "momentum": 0.9},
     torch_class="SGD",
     torch_bridge_class="SGD",
+    supports_grad_mask=True,
     torch_state_keys=("momentum_buffer",),
     description="SGD with heavy-ball momentum (torch.optim.SGD)",
 ))
@@ -132,6 +142,7 @@ register(OptimizerEntry(
     demo_kwargs={"learning_rate": 1e-3},
     torch_class="Adam",
     torch_bridge_class="Adam",
+    supports_grad_mask=True,
     torch_state_keys=("step", "exp_avg", "exp_avg_sq"),
     description="Adam, coupled L2 (torch.optim.Adam)",
 ))
@@ -147,8 +158,85 @@ register(OptimizerEntry(
     demo_kwargs={"learning_rate": 1e-3},
     torch_class="AdamW",
     torch_bridge_class="AdamW",
+    supports_grad_mask=True,
     torch_state_keys=("step", "exp_avg", "exp_avg_sq"),
     description="AdamW, decoupled decay (torch.optim.AdamW)",
+))
+
+# ADOPT (torch_semantics.md §4): the official torch-adopt 0.1.0 rule.
+register(OptimizerEntry(
+    name="adopt",
+    factory=adopt,
+    family="adopt",
+    static_args=("decouple", "clip_value_fn", "maximize", "segments"),
+    hyperparams=("learning_rate", "b1", "b2", "eps", "weight_decay"),
+    converge={"parabola": {"learning_rate": 3e-2}, "rosenbrock": {"learning_rate": 3e-2}},
+    demo_kwargs={"learning_rate": 1e-3},
+    torch_bridge_class="ADOPT",
+    torch_state_keys=("step", "exp_avg", "exp_avg_sq"),
+    torch_reference="adopt.ADOPT",
+    description="ADOPT, clipped official rule (torch-adopt 0.1.0)",
+))
+
+# ASGD (torch_semantics.md §6). ``momentum`` is structural (None = torch's rule without a buffer), so the
+# momentum variant is its own entry; the bridge maps torch's ``momentum=0.0`` to the first one.
+register(OptimizerEntry(
+    name="asgd",
+    factory=asgd,
+    family="asgd",
+    static_args=("maximize", "scalar_dtype", "segments"),
+    hyperparams=("learning_rate", "lambd", "alpha", "t0", "weight_decay"),
+    converge={"parabola": {"learning_rate": 1e-2}, "rosenbrock": {"learning_rate": 1e-3}},
+    demo_kwargs={"learning_rate": 0.05},
+    torch_class="ASGD",
+    torch_bridge_class="ASGD",
+    torch_state_keys=("step", "eta", "mu", "ax"),
+    description="Averaged SGD (torch.optim.ASGD)",
+))
+
+register(OptimizerEntry(
+    name="asgd_momentum",
+    factory=asgd,
+    family="asgd",
+    kwargs={"momentum": 0.9},
+    static_args=("maximize", "scalar_dtype", "segments"),
+    hyperparams=("learning_rate", "lambd", "alpha", "t0", "weight_decay", "momentum"),
+    converge={"parabola": {"learning_rate": 1e-3}, "rosenbrock": {"learning_rate": 1e-3}},
+    demo_kwargs={"learning_rate": 0.05},
+    torch_bridge_class="ASGD",
+    torch_state_keys=("step", "eta", "mu", "ax", "momentum_buffer"),
+    description="Averaged SGD with a momentum buffer (lambd = 0: torch SGD with momentum)",
+))
+
+# Lookahead (torch_semantics.md §5). Lookahead needs an inner optimizer, so each entry is one factory that
+# builds ``lookahead(inner(...), sync_period, slow_step_size, reset=...)``: every numeric argument, the
+# inner ones and ``sync_period``/``slow_step_size`` alike, is a plain argument that inject_hyperparams can
+# trace and the bridge can read from a param group (its ``k``/``alpha`` map to sync_period/slow_step_size).
+register(OptimizerEntry(
+    name="lookahead_sgd",
+    factory=lookahead_sgd,
+    family="lookahead",
+    kwargs={"momentum": 0.9},
+    static_args=("nesterov", "maximize", "reset", "weight_decay_mask", "segments"),
+    hyperparams=("learning_rate", "momentum", "dampening", "weight_decay", "sync_period", "slow_step_size"),
+    converge={"parabola": {"learning_rate": 1e-2}, "rosenbrock": {"learning_rate": 1e-3}},
+    demo_kwargs={"learning_rate": 0.05},
+    torch_bridge_class="Lookahead",
+    torch_state_keys=("momentum_buffer", "slow_param"),
+    description="Lookahead over SGD with momentum (seed formula, alpha weights the fast weights)",
+))
+
+register(OptimizerEntry(
+    name="lookahead_adam",
+    factory=lookahead_adam,
+    family="lookahead",
+    static_args=("amsgrad", "decoupled_weight_decay", "maximize", "reset", "weight_decay_mask", "segments"),
+    hyperparams=("learning_rate", "b1", "b2", "eps", "weight_decay", "sync_period", "slow_step_size"),
+    converge={"parabola": {"learning_rate": 1e-1}, "rosenbrock": {"learning_rate": 3e-2}},
+    demo_kwargs={"learning_rate": 1e-3},
+    torch_bridge_class="Lookahead",
+    torch_state_keys=("step", "exp_avg", "exp_avg_sq", "slow_param"),
+    description="Lookahead over Adam (torch.optim.Adam inner)",
 ))
 
 # ------------------------------------------------------------------------------------------------

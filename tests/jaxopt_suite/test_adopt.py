@@ -156,10 +156,11 @@ def test_none_gradient_skips_leaf_like_torch():
 
 def test_flat_layout_matches_pytree():
     masks = lambda t: [True, t % 3 != 1]  # noqa: E731
-    diff, pad, state = flat_vs_tree(
-        lambda segments: adopt(LR, weight_decay=0.1, decouple=True, segments=segments), masks=masks)
-    assert diff == 0.0, diff  # same arithmetic, per-segment scalars
-    assert pad == 0.0
+    with precision("f64"):
+        diff, pad, state = flat_vs_tree(
+            lambda segments: adopt(LR, weight_decay=0.1, decouple=True, segments=segments), masks=masks)
+    assert diff <= 1e-12, diff
+    assert pad == 0.0, pad
     counts = np.asarray(find_state(state, ADOPTState).count[0])
     assert counts.shape == (3,) and counts[0] == 30 and counts[1] == 20
 

@@ -170,10 +170,11 @@ def test_eta_starts_at_the_current_lr():
 
 def test_flat_layout_matches_pytree():
     masks = lambda t: [True, t % 3 != 1]  # noqa: E731
-    diff, pad, state = flat_vs_tree(
-        lambda segments: asgd(LR, momentum=0.5, segments=segments, **REQUIRED), masks=masks)
-    assert diff == 0.0, diff
-    assert pad == 0.0
+    with precision("f64"):
+        diff, pad, state = flat_vs_tree(
+            lambda segments: asgd(LR, momentum=0.5, segments=segments, **REQUIRED), masks=masks)
+    assert diff <= 1e-12, diff
+    assert pad == 0.0, pad
     core = find_state(state, ASGDState)
     assert np.asarray(core.count[0]).tolist() == [30, 20, 30]
 

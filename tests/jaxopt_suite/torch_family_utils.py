@@ -104,7 +104,13 @@ def _mlp_loss_torch(params, x, y):
 
 _MLP_GRAD = jax.jit(jax.grad(_mlp_loss_jax))
 
-PROBLEMS = {"quad": quad_init, "mlp": mlp_init, "cquad": complex_quad_init}
+# ``negquad``: the quad with its gradient negated (a concave problem), for ``maximize`` runs that converge.
+PROBLEMS = {"quad": quad_init, "mlp": mlp_init, "cquad": complex_quad_init, "negquad": quad_init}
+
+
+def problem_grad(problem, params):
+    grads = quad_grad(params)
+    return [-g for g in grads] if problem == "negquad" else grads
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,7 +160,7 @@ class JaxSide:
         fast = self.unwrap(self.params)
         if self.problem == "mlp":
             return list(self._grad(fast, self.x, self.y))
-        return [jnp.asarray(g.astype(self.dtype)) for g in quad_grad([np.asarray(p) for p in fast])]
+        return [jnp.asarray(g.astype(self.dtype)) for g in problem_grad(self.problem, [np.asarray(p) for p in fast])]
 
     def step(self, mask: Optional[Sequence[bool]] = None):
         grads = self.grads()
@@ -186,7 +192,7 @@ class TorchSide:
             loss = _mlp_loss_torch(self.params, self.x, self.y)
             loss.backward()
         else:
-            grads = quad_grad(self.fast())
+            grads = problem_grad(self.problem, self.fast())
             for p, g in zip(self.params, grads):
                 p.grad = torch.tensor(g.astype(self.dtype))
         if mask is not None:
@@ -226,7 +232,10 @@ def compare(ours, ref, steps: int = 200, masks: Optional[Callable[[int], Optiona
 
 def flat_vs_tree(make_tx: Callable, steps: int = 30, masks: Optional[Callable[[int], Optional[list]]] = None):
     """Run ``make_tx(segments=None)`` on the quad pytree and ``make_tx(segments=layout)`` on the same
-    params packed into one padded flat buffer; return (max |Δθ|, max |padding|, flat state)."""
+    params packed into one padded flat buffer; return (max |Δθ|, max |padding|, flat state).
+
+    Run it under ``precision("f64")``: XLA's CPU code generation may contract ``a·b + c`` into a fused
+    multiply-add depending on shapes, so the two layouts agree to rounding, not bitwise."""
     from jaxopt_suite._common import FlatLayout
 
     init = quad_init()
