@@ -241,7 +241,7 @@ def _init_state(params, learning_rate, weight_decay, *, dnn: bool, momentum_on: 
         increase=b(False), retrace=b(False), coller=b(True), has_lastgood=b(False), floor_retrace=b(False),
         last_moved=b(False), last_retrace=b(False),
         xaver_list=jnp.zeros((6,), jnp.float32),
-        g_old=zeros, x_lastgood=zeros,
+        g_old=zeros, x_lastgood=jax.tree.map(jnp.zeros_like, params),  # distinct buffers (donation)
         coll_grad=jax.tree.map(jnp.zeros_like, params) if dnn else None,
         mom=jax.tree.map(jnp.zeros_like, params) if momentum_on else None,
     )

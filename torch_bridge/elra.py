@@ -203,7 +203,8 @@ class ELRA(JaxOptimizer):
     weight_decay=0.0, warmup=1)``: ``classes < 2`` selects MATH mode (the package default; steps by the
     adaptive alpha), ``classes >= 2`` DNN mode (use the number of classes for classifiers). ``lr`` is only
     the initial alpha; ``weight_decay`` above 0.5 means ``1 − weight_decay``; ``momentum`` falsy = none.
-    ``model``, ``mode``, ``dummy`` are accepted and ignored.
+    ``model``, ``mode``, ``dummy`` are accepted and ignored. ``flat=False`` imports every tensor
+    separately at each step instead of packing them into flat buffers (same results, slower).
 
     Typical loop::
 
@@ -218,7 +219,8 @@ class ELRA(JaxOptimizer):
     entry_name = None
 
     def __init__(self, params, model=None, batch_size: int = 8, classes: int = 0, lr: float = 1e-5, mode=None,
-                 dummy=None, momentum: Optional[float] = None, weight_decay: float = 0.0, warmup: int = 1):
+                 dummy=None, momentum: Optional[float] = None, weight_decay: float = 0.0, warmup: int = 1, *,
+                 flat: bool = True):
         del model, mode, dummy  # accepted for compatibility with the package; unused there as well
         momentum = float(momentum) if momentum else None
         # the JAX factory validates (ValueError naming the argument)
@@ -232,7 +234,7 @@ class ELRA(JaxOptimizer):
                           "package uses float64); enable jax_enable_x64 for parity.", stacklevel=2)
         self._runtime = []  # the generic per-group runtime is not used
         self._entry_name = "elra_dnn" if classes >= 2 else "elra_math"
-        self.flat = True
+        self.flat = bool(flat)
         self._leaves: list = []  # _FlatLeaves / _SimpleLeaves in global-vector order of their params
         self._order: list = []  # trainable params in global-vector order
         self._jstate: Optional[ElraState] = None
@@ -271,7 +273,7 @@ class ELRA(JaxOptimizer):
         self._leaves.extend(self._adopt(new))
 
     def _adopt(self, params):
-        flat_ok = [_flat_candidate(p) for p in params]
+        flat_ok = [self.flat and _flat_candidate(p) for p in params]
         _exclude_overlaps(params, flat_ok)
         out = []
         if all(flat_ok):
