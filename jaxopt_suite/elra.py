@@ -36,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -138,7 +139,7 @@ _FLOAT_FIELDS = tuple(f for f in ElraState._fields
                       if f not in _INT_FIELDS + _BOOL_FIELDS + _TREE_FIELDS + ("xaver_list",))
 
 # branch indices of the vector work
-_SKIP, _COLLECT, _FIRST, _ACCEPT, _RETRACE = range(5)
+_SKIP, _COLLECT, _FIRST, _ACCEPT, _RETRACE, _ACCEPT_COLLECTED = range(6)
 
 
 def control_dtype() -> Any:
@@ -441,9 +442,13 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
     real["ncoll"] = jnp.zeros_like(s["ncoll"])
     real = _control(real, dnn=dnn, batch_size=batch_size, wd0=wd0)
 
-    def g_effective():
-        """The gradient of a real call: the collected mean in DNN mode, else g (collects = 1 exactly)."""
-        if not dnn:
+    def g_effective(use_coll=True):
+        """The gradient of a real call: the collected mean in DNN mode, else g (collects = 1 exactly).
+
+        ``use_coll=False``: the window holds this gradient alone (``g·1/1``, exactly g), so the collect
+        buffer is not read.
+        """
+        if not dnn or not use_coll:
             return grads
         return jax.tree.map(
             lambda g, cg: jnp.where(collecting, jnp.where(first_in_window, g * c.astype(g.dtype),
@@ -468,6 +473,9 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
 
     branch = jnp.where(skip, _SKIP, jnp.where(collect_only, _COLLECT, jnp.where(
         s["init"], _FIRST, jnp.where(accept, _ACCEPT, _RETRACE)))).astype(jnp.int32)
+    # a window of one gradient (the common case) does not need to read the collect buffer
+    single = ~collecting | first_in_window
+    branch = jnp.where((branch == _ACCEPT) & ~single, _ACCEPT_COLLECTED, branch) if dnn else branch
 
     def finish(d, x_new):
         x_new = jax.tree.map(lambda n, p: jnp.asarray(n, dtype=p.dtype), x_new, params)
@@ -497,7 +505,7 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
 
     def br_first():
         d = dict(real)
-        g, _ = decayed(g_effective(), real)
+        g, _ = decayed(g_effective(use_coll=False), real)  # DNN: collects is unset on the first call
         d["sum_f"] = f
         d["last_f"] = f
         d["init_f"] = _pmax(f, jnp.asarray(log_floor, cd))
@@ -524,9 +532,9 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
         d["last_retrace"] = jnp.bool_(False)
         return finish(d, x_new)
 
-    def br_accept():
+    def br_accept(use_coll=True):
         d = dict(real)
-        g, _ = decayed(g_effective(), real)
+        g, _ = decayed(g_effective(use_coll), real)
         d["dev_correction"] = _pmax(1.0, real["dev_correction"] * (1.0 / 1.05))
         n2 = real["step_cnt2"]
         n2f = n2.astype(cd)
@@ -561,6 +569,9 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
             d["mom"] = mom
             d["g_old"] = g_old
             d["norm_g_old"] = _tree_norm(g_old, cd)
+        if dnn and not use_coll:
+            # the window is empty again and its buffer is dead: fresh zeros (a memset) instead of a copy
+            d["coll_grad"] = jax.tree.map(jnp.zeros_like, state.coll_grad)
         d["escape"] = jnp.minimum(1.0, 2.0 * real["escape"])
         d["floor_retrace"] = jnp.bool_(False)
         d["coll_ggc"] = real["coll_ggc"] + d["norm_g_old"]
@@ -601,7 +612,10 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
         d["last_retrace"] = jnp.bool_(True)
         return finish(d, x_new)
 
-    return jax.lax.switch(branch, (br_skip, br_collect, br_first, br_accept, br_retrace))
+    branches = [br_skip, br_collect, br_first, functools.partial(br_accept, False), br_retrace]
+    if dnn:
+        branches.append(functools.partial(br_accept, True))
+    return jax.lax.switch(branch, branches)
 
 
 def _config(learning_rate, weight_decay, warmup, momentum, classes, batch_size, segments, params):

@@ -255,6 +255,7 @@ register(OptimizerEntry(
     demo_kwargs={"learning_rate": 1e-4, "warmup": 10},
     torch_bridge_class="ELRA",
     torch_state_keys=("x_lastgood", "g_old"),
+    torch_reference="elra.ElraOptimizer",
     supports_complex=False,
     description="ELRA P2M, MATH mode (steps by the adaptive alpha; elra 0.0.5 default)",
 ))
@@ -271,6 +272,7 @@ register(OptimizerEntry(
     demo_kwargs={"learning_rate": 1e-5},
     torch_bridge_class="ELRA",
     torch_state_keys=("x_lastgood", "g_old", "coll_grad"),
+    torch_reference="elra.ElraOptimizer",
     supports_complex=False,
     description="ELRA P2M, DNN mode (clipped lr, dynamic batch size; classes=10)",
 ))

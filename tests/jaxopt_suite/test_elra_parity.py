@@ -17,7 +17,8 @@ pytest.importorskip("sklearn")
 from parity.cases_elra import SCENARIOS, run_example1  # noqa: E402
 
 FAST = ["digits_dnn", "rosenbrock_math", "digits_step_retrace"]
-SLOW = ["digits_wd_losses", "digits_nan", "digits_math", "linear_collect", "example1_math", "digits_momentum"]
+SLOW = ["digits_wd_losses", "digits_nan", "digits_math", "linear_collect", "example1_math", "digits_momentum",
+        "rosenbrock_inject"]
 
 
 def _check(rep, xtol, stol):
