@@ -22,7 +22,7 @@ import io
 import math
 import os
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 

@@ -28,7 +28,7 @@ import copy
 import functools
 import math
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -116,9 +116,6 @@ class _SimpleLeaves:
     def n_leaves(self):
         return len(self.params)
 
-    def leaf_of(self, i):
-        return i, None
-
     def pack(self, tensors):
         """JAX leaves from per-parameter torch tensors (None → zeros)."""
         return [dlpack.to_jax_copy(t.to(p.dtype).reshape(p.shape)) if t is not None else
@@ -178,7 +175,7 @@ def _jax_dtype(p: torch.Tensor):
 def _to_jax_scalar(x, name: str):
     """A Python number or 0-d tensor as a JAX scalar without host synchronisation."""
     if x is None:
-        return jnp.asarray(math.nan, jnp.float32)
+        return jnp.asarray(math.nan, control_dtype())  # same aval as a Python float: no second compile
     if torch.is_tensor(x):
         t = x.detach().reshape(())
         if t.dtype == torch.bool:
