@@ -570,8 +570,9 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
             d["g_old"] = g_old
             d["norm_g_old"] = _tree_norm(g_old, cd)
         if dnn and not use_coll:
-            # the window is empty again and its buffer is dead: fresh zeros (a memset) instead of a copy
-            d["coll_grad"] = jax.tree.map(jnp.zeros_like, state.coll_grad)
+            # the window is empty again and its buffer is dead: zeros instead of a passthrough copy
+            # (g·0 keeps g's sharding; g is finite on an accepted call)
+            d["coll_grad"] = jax.tree.map(lambda gi: gi * 0, grads)
         d["escape"] = jnp.minimum(1.0, 2.0 * real["escape"])
         d["floor_retrace"] = jnp.bool_(False)
         d["coll_ggc"] = real["coll_ggc"] + d["norm_g_old"]
