@@ -18,6 +18,17 @@ from .autosgm import (
 from .adopt import ADOPTState, adopt, default_clip_value, scale_by_adopt
 from .asgd import ASGDState, asgd, asgd_averaged_params, scale_by_asgd
 from .lookahead import LookaheadState, lookahead, lookahead_adam, lookahead_sgd, lookahead_slow_params
+from .elra import (
+    ElraBoostState,
+    ElraState,
+    elra,
+    elra_boost_init,
+    elra_boost_result,
+    elra_boost_update,
+    elra_next_call_is_real_step,
+    elra_step,
+    scale_by_elra,
+)
 from .sgd import SGDState, scale_by_sgd_momentum, sgd
 from . import registry
 
@@ -48,6 +59,15 @@ __all__ = [
     "lookahead_adam",
     "lookahead_sgd",
     "lookahead_slow_params",
+    "ElraBoostState",
+    "ElraState",
+    "elra",
+    "elra_boost_init",
+    "elra_boost_result",
+    "elra_boost_update",
+    "elra_next_call_is_real_step",
+    "elra_step",
+    "scale_by_elra",
     "SGDState",
     "scale_by_sgd_momentum",
     "sgd",

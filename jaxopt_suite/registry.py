@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 from .adam import adam, adamw
 from .adopt import adopt
 from .asgd import asgd
+from .elra import elra
 from .autosgm import autosgm
 from .lookahead import lookahead_adam, lookahead_sgd
 from .sgd import sgd
@@ -304,4 +305,43 @@ register(_autosgm_entry(
     converge={"parabola": {"learning_rate": 1e-2}},
     demo_kwargs={"learning_rate": 1e-2},
     description="AutoSGM parcor learning-rate numerator (num_lrc=1), filter zero 0.5528",
+))
+
+
+# ------------------------------------------------------------------------------------------------
+# ELRA family (elra.md): one factory, two modes selected by the static ``classes``
+# ------------------------------------------------------------------------------------------------
+
+register(OptimizerEntry(
+    name="elra_math",
+    factory=elra,
+    family="elra",
+    kwargs={"classes": 0},
+    requires_value=True,
+    static_args=("classes", "batch_size", "segments"),
+    hyperparams=("learning_rate", "weight_decay", "warmup", "momentum"),
+    converge={"parabola": {"learning_rate": 1e-5}, "rosenbrock": {"learning_rate": 1e-3}},
+    demo_kwargs={"learning_rate": 1e-4, "warmup": 10},
+    torch_bridge_class="ELRA",
+    torch_state_keys=("x_lastgood", "g_old"),
+    torch_reference="elra.ElraOptimizer",
+    supports_complex=False,
+    description="ELRA P2M, MATH mode (steps by the adaptive alpha; elra 0.0.5 default)",
+))
+
+register(OptimizerEntry(
+    name="elra_dnn",
+    factory=elra,
+    family="elra",
+    kwargs={"classes": 10, "batch_size": 64},
+    requires_value=True,
+    static_args=("classes", "batch_size", "segments"),
+    hyperparams=("learning_rate", "weight_decay", "warmup", "momentum"),
+    converge={"parabola": {"learning_rate": 1e-5}},
+    demo_kwargs={"learning_rate": 1e-5},
+    torch_bridge_class="ELRA",
+    torch_state_keys=("x_lastgood", "g_old", "coll_grad"),
+    torch_reference="elra.ElraOptimizer",
+    supports_complex=False,
+    description="ELRA P2M, DNN mode (clipped lr, dynamic batch size; classes=10)",
 ))

@@ -9,9 +9,11 @@ from .adam import Adam, AdamW
 from .adopt import ADOPT
 from .asgd import ASGD
 from .autosgm import AutoSGM
+from .elra import ELRA, ElraGradScaler, ElraOptimizer
 from .lookahead import Lookahead, TorchLookahead
 from .optimizer import JaxOptimizer, compiled_step_cache_size
 from .sgd import SGD
 
-__all__ = ["JaxOptimizer", "SGD", "Adam", "AdamW", "ADOPT", "ASGD", "AutoSGM", "Lookahead", "TorchLookahead",
+__all__ = ["JaxOptimizer", "SGD", "Adam", "AdamW", "ADOPT", "ASGD", "AutoSGM", "ELRA", "ElraOptimizer",
+           "ElraGradScaler", "Lookahead", "TorchLookahead",
            "compiled_step_cache_size"]

@@ -1,0 +1,588 @@
+"""``ELRA`` (alias ``ElraOptimizer``) and ``ElraGradScaler``: :func:`jaxopt_suite.elra` behind the API of the
+PyPI package ``elra`` 0.0.5.
+
+ELRA treats *all* trainable tensors of *all* param groups as one global vector (norms, dot products, the
+retrace decision), so it keeps one JAX state for the whole optimizer instead of the per-group compiled
+steps of :class:`~torch_bridge.optimizer.JaxOptimizer`. Execution:
+
+* the trainable parameters (``requires_grad``) of each dtype are packed into one flat torch buffer (the
+  bridge's flat buffers: ``p.data`` and ``p.grad`` become views, JAX reads both by DLPack without copies);
+  tensors that cannot be packed (views, overlaps, non-contiguous) use per-tensor DLPack imports;
+* one jitted :func:`jaxopt_suite.elra_step` per call returns the new parameters, written back with one
+  ``copy_`` per buffer; the loss crosses as a Python float or a 0-d tensor by DLPack: no ``.item()``;
+* a parameter whose ``.grad`` is None takes part with a zero gradient (it still counts in ‖x‖, weight
+  decay and retraces).
+
+Differences from the package (its defects, fixed): param groups carry ``'lr'`` so LR schedulers run (and
+have no effect); ``add_param_group`` works at any time; ``state_dict``/``load_state_dict`` round-trip
+exactly; a NaN gradient or a non-finite loss is a retrace; a first call with a NaN loss is ignored; no
+prints and no files.
+
+References:
+  Kleinsorge, Kupper, Fauck, Rothe, arXiv:2309.06274 (2023); PyPI ``elra`` 0.0.5.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import warnings
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from jaxopt_suite.elra import (
+    ElraState,
+    _BOOL_FIELDS,
+    _INT_FIELDS,
+    _FLOAT_FIELDS,
+    control_dtype,
+    elra,
+    elra_boost_init,
+    elra_boost_result,
+    elra_boost_update,
+    elra_next_call_is_real_step,
+    elra_step,
+)
+
+from . import dlpack
+from .optimizer import JaxOptimizer, _FlatBuffer, _flat_candidate, _exclude_overlaps, _NeedsRebuild
+
+__all__ = ["ELRA", "ElraOptimizer", "ElraGradScaler"]
+
+_PER_PARAM_KEYS = {"x_lastgood": "x_lastgood", "g_old": "g_old", "coll_grad": "coll_grad", "momentum": "mom"}
+_warned_x64 = False
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(1,))
+def _bridge_step(grads, state, params, value, force, train_loss, valid_loss, scale, changed, boost, *, cfg):
+    kw = dict(cfg)
+    if scale is not None:
+        grads = [g * scale.astype(g.dtype) for g in grads]
+    x_new, state = elra_step(grads, state, params, value=value, force_retrace=force, train_loss=train_loss,
+                             valid_loss=valid_loss, **kw)
+    if boost is not None:
+        boost = elra_boost_update(boost, x_new, value=value, moved=state.last_moved, retraced=state.last_retrace)
+    return x_new, state, changed | state.last_moved, boost
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _bridge_init(params, *, cfg):
+    kw = dict(cfg)
+    return elra(kw["learning_rate"], kw["weight_decay"], kw["warmup"], kw["momentum"], classes=kw["classes"],
+                batch_size=kw["batch_size"]).init(params)
+
+
+class _SimpleLeaves:
+    """Tensors that cannot be packed: imported one by one at every step."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def jax_params(self):
+        return [dlpack.to_jax(p) for p in self.params]
+
+    def jax_grads(self):
+        return [dlpack.to_jax(p.grad) if p.grad is not None else jnp.zeros(tuple(p.shape), _jax_dtype(p))
+                for p in self.params]
+
+    def write(self, leaves):
+        for p, leaf in zip(self.params, leaves):
+            p.copy_(dlpack.to_torch(leaf))
+
+    def zero_grad(self, set_to_none):
+        for p in self.params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def views(self, leaves, i):
+        """Torch tensor of parameter ``i`` inside the JAX leaves (a copy)."""
+        return dlpack.to_torch(leaves[i]).clone()
+
+    def sync_grads(self):
+        pass
+
+    def release(self):
+        pass
+
+    @property
+    def n_leaves(self):
+        return len(self.params)
+
+    def pack(self, tensors):
+        """JAX leaves from per-parameter torch tensors (None → zeros)."""
+        return [dlpack.to_jax_copy(t.to(p.dtype).reshape(p.shape)) if t is not None else
+                jnp.zeros(tuple(p.shape), _jax_dtype(p)) for p, t in zip(self.params, tensors)]
+
+
+class _FlatLeaves:
+    """One flat buffer (one dtype/device): a single JAX leaf aliasing the torch buffer."""
+
+    def __init__(self, params):
+        self.buf = _FlatBuffer(params, elementwise=False)
+        self.params = params
+
+    def jax_params(self):
+        return self.buf.jp
+
+    def jax_grads(self):
+        return self.buf.jg
+
+    def write(self, leaves):
+        view = dlpack.to_torch(leaves[0])
+        self.buf.flat_p.copy_(view)
+        del view
+
+    def zero_grad(self, set_to_none):
+        self.buf.zero_grad(set_to_none)
+
+    def sync_grads(self):
+        self.buf.sync_grads()
+
+    def release(self):
+        self.buf.release()
+
+    @property
+    def n_leaves(self):
+        return 1
+
+    def views(self, leaves, i):
+        flat = dlpack.to_torch(leaves[0])
+        off, n = self.buf.layout.offsets[i], self.buf.layout.numels[i]
+        return flat[off:off + n].view(self.params[i].shape).clone()
+
+    def pack(self, tensors):
+        out = torch.zeros_like(self.buf.flat_p)
+        for i, (p, t) in enumerate(zip(self.params, tensors)):
+            if t is not None:
+                off, n = self.buf.layout.offsets[i], self.buf.layout.numels[i]
+                out[off:off + n].copy_(t.reshape(-1).to(out.dtype))
+        return [dlpack.to_jax_copy(out)]
+
+
+def _jax_dtype(p: torch.Tensor):
+    return {torch.float32: jnp.float32, torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16,
+            torch.float64: jnp.float64}[p.dtype]
+
+
+def _to_jax_scalar(x, name: str):
+    """A Python number or 0-d tensor as a JAX scalar without host synchronisation."""
+    if x is None:
+        return jnp.asarray(math.nan, control_dtype())  # same aval as a Python float: no second compile
+    if torch.is_tensor(x):
+        t = x.detach().reshape(())
+        if t.dtype == torch.bool:
+            return dlpack.to_jax(t.to(torch.float32)) != 0
+        if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            t = t.to(torch.float32)
+        if t.dtype == torch.float64 and not dlpack.x64_enabled():
+            t = t.to(torch.float32)
+        return dlpack.to_jax(t.contiguous())
+    if isinstance(x, (bool, np.bool_)):
+        return jnp.asarray(bool(x))
+    try:
+        return jnp.asarray(float(x), control_dtype())
+    except TypeError:
+        raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(x).__name__}") from None
+
+
+class ELRA(JaxOptimizer):
+    """ELRA (P2M) as a ``torch.optim.Optimizer`` with the constructor and methods of ``elra.ElraOptimizer``.
+
+    ``ELRA(params, model=None, batch_size=8, classes=0, lr=1e-5, mode=None, dummy=None, momentum=None,
+    weight_decay=0.0, warmup=1)``: ``classes < 2`` selects MATH mode (the package default; steps by the
+    adaptive alpha), ``classes >= 2`` DNN mode (use the number of classes for classifiers). ``lr`` is only
+    the initial alpha; ``weight_decay`` above 0.5 means ``1 − weight_decay``; ``momentum`` falsy = none.
+    ``model``, ``mode``, ``dummy`` are accepted and ignored. ``flat=False`` imports every tensor
+    separately at each step instead of packing them into flat buffers (same results, slower).
+
+    Typical loop::
+
+        opt.zero_grad(); loss = loss_fn(model(X), y); loss.backward()
+        opt.step(loss)            # or opt.step(value=loss), or opt.step(closure)
+        ...
+        opt.set_train_loss(train_loss); opt.set_valid_loss(valid_loss)   # dynamic weight decay
+
+    ``step_retrace(loss)`` undoes the last step without a gradient (e.g. when the loss exploded).
+    """
+
+    entry_name = None
+
+    def __init__(self, params, model=None, batch_size: int = 8, classes: int = 0, lr: float = 1e-5, mode=None,
+                 dummy=None, momentum: Optional[float] = None, weight_decay: float = 0.0, warmup: int = 1, *,
+                 flat: bool = True):
+        del model, mode, dummy  # accepted for compatibility with the package; unused there as well
+        momentum = float(momentum) if momentum else None
+        # the JAX factory validates (ValueError naming the argument)
+        elra(lr, weight_decay, warmup, momentum, classes=int(classes), batch_size=int(batch_size))
+        self._cfg = (("learning_rate", float(lr)), ("weight_decay", float(weight_decay)), ("warmup", warmup),
+                     ("momentum", momentum), ("classes", int(classes)), ("batch_size", int(batch_size)))
+        global _warned_x64
+        if not dlpack.x64_enabled() and not _warned_x64:
+            _warned_x64 = True
+            warnings.warn("ELRA: JAX x64 is off, so its control arithmetic runs in float32 (the reference "
+                          "package uses float64); enable jax_enable_x64 for parity.", stacklevel=2)
+        self._runtime = []  # the generic per-group runtime is not used
+        self._entry_name = "elra_dnn" if classes >= 2 else "elra_math"
+        self.flat = bool(flat)
+        self._leaves: list = []  # _FlatLeaves / _SimpleLeaves in global-vector order of their params
+        self._order: list = []  # trainable params in global-vector order
+        self._jstate: Optional[ElraState] = None
+        self._changed = None
+        self._calls = 0
+        self._pending_train = None
+        self._pending_valid = None
+        self._boost = None
+        self._boost_model = None
+        self._boost_source = None
+        self._needs_import = False
+        torch.optim.Optimizer.__init__(self, params, {"lr": float(lr)})
+
+    # ---- parameters -----------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """Append a group; its trainable tensors join the global vector (``x_lastgood`` = current values)."""
+        if not isinstance(param_group, dict):
+            raise TypeError("param_group must be a dict")
+        extra = set(param_group) - {"params", "lr"}
+        if extra:
+            raise ValueError(f"ELRA is one global method: per-group options {sorted(extra)} are not supported "
+                             "(only 'params' and 'lr', which ELRA ignores).")
+        torch.optim.Optimizer.add_param_group(self, param_group)
+        new = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
+        for p in new:
+            dlpack.check_dtype(p)
+        if not new:
+            return
+        if self._jstate is not None:
+            self._sync_state_to_torch()
+            for p in new:
+                dict.__setitem__(self.state, p, {"x_lastgood": p.detach().clone()})
+            self._jstate = None
+            self._needs_import = True
+        self._order.extend(new)
+        self._leaves.extend(self._adopt(new))
+
+    def _adopt(self, params):
+        flat_ok = [self.flat and _flat_candidate(p) for p in params]
+        _exclude_overlaps(params, flat_ok)
+        out = []
+        if all(flat_ok):
+            by_kind: dict = {}
+            for p in params:
+                by_kind.setdefault((p.dtype, p.device), []).append(p)
+            out = [_FlatLeaves(ps) for ps in by_kind.values()]
+        else:
+            out = [_SimpleLeaves(params)]
+        return out
+
+    def _jax_params(self):
+        return [leaf for lv in self._leaves for leaf in lv.jax_params()]
+
+    def _jax_grads(self):
+        return [leaf for lv in self._leaves for leaf in lv.jax_grads()]
+
+    def _split(self, leaves):
+        out, k = [], 0
+        for lv in self._leaves:
+            out.append(leaves[k:k + lv.n_leaves])
+            k += lv.n_leaves
+        return out
+
+    def _ensure_state(self):
+        if self._jstate is not None:
+            return
+        params = self._jax_params()
+        fresh = _bridge_init(params, cfg=self._cfg)
+        if self._needs_import:
+            fresh = self._import_state(fresh)
+        self._jstate = fresh
+        self._changed = jnp.asarray(False)
+        self._needs_import = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for lv in self._leaves:
+            lv.zero_grad(set_to_none)
+
+    # ---- stepping -------------------------------------------------------------------------------------
+    def step(self, loss=None, scale=None, *, value=None, force_retrace=False, closure=None):
+        """One ELRA call. The loss comes positionally (float or 0-d tensor), as ``value=`` or from ``closure``.
+
+        ``scale`` multiplies the gradient; ``force_retrace=True`` ignores the gradient and retraces.
+        Returns the closure's loss when a closure was used.
+        """
+        if callable(loss):
+            closure, loss = loss, None
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+        f = value if value is not None else (loss if loss is not None else result)
+        if f is None:
+            raise TypeError("ELRA needs the loss: step(loss), step(value=loss) or step(closure)")
+        self._call(f, scale=scale, force_retrace=force_retrace, boost=True)
+        return result
+
+    def step_retrace(self, loss) -> None:
+        """Undo the last step without using a gradient (the package's retrace on an exploded loss)."""
+        self._call(loss, scale=None, force_retrace=True, boost=False)
+
+    def step_noscale(self, loss, grad: Optional[torch.Tensor] = None) -> None:
+        """A step with the gradient given as one flat tensor in global-vector order (or from ``.grad``)."""
+        if grad is not None:
+            sizes = [p.numel() for p in self._order]
+            if grad.numel() != sum(sizes):
+                raise ValueError(f"grad has {grad.numel()} elements, the parameters {sum(sizes)}")
+            with torch.no_grad():
+                for p, chunk in zip(self._order, grad.detach().reshape(-1).split(sizes)):
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.copy_(chunk.view(p.shape))
+        self._call(loss, scale=None, force_retrace=False, boost=True)
+
+    def _call(self, loss, *, scale, force_retrace, boost):
+        if self._calls == 0 and isinstance(loss, (int, float)) and not isinstance(loss, bool) and loss <= 0:
+            raise ValueError(f"ELRA needs a positive loss at the first step, got {loss!r}")
+        if not self._order:
+            raise ValueError("ELRA has no trainable parameters")
+        with torch.no_grad():
+            try:
+                for lv in self._leaves:
+                    lv.sync_grads()
+            except _NeedsRebuild:
+                self._readopt()
+            self._ensure_state()
+            value = _to_jax_scalar(loss, "loss")
+            force = _to_jax_scalar(force_retrace, "force_retrace").astype(bool)
+            tl = _to_jax_scalar(self._pending_train, "train loss")
+            vl = _to_jax_scalar(self._pending_valid, "valid loss")
+            self._pending_train = self._pending_valid = None
+            sc = None if scale is None else _to_jax_scalar(scale, "scale")
+            bs = self._boost if boost else None
+            x_new, self._jstate, self._changed, bs = _bridge_step(
+                self._jax_grads(), self._jstate, self._jax_params(), value, force, tl, vl, sc, self._changed, bs,
+                cfg=self._cfg)
+            if boost and bs is not None:
+                self._boost = bs
+            for lv, leaves in zip(self._leaves, self._split(x_new)):
+                lv.write(leaves)
+        self._calls += 1
+
+    def _readopt(self):
+        self._sync_state_to_torch()
+        for lv in self._leaves:
+            lv.release()
+        self._leaves = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.requires_grad]
+            if ps:
+                self._leaves.extend(self._adopt(ps))
+        self._jstate = None
+        self._needs_import = True
+
+    # ---- dynamic weight decay, queries ---------------------------------------------------------------
+    def set_train_loss(self, loss, boost=None) -> None:
+        """Full training loss (e.g. once per epoch); with ``set_valid_loss`` it steers the weight decay."""
+        del boost
+        self._pending_train = loss
+
+    def set_valid_loss(self, loss, boost=None, accu=None) -> None:
+        """Validation loss (e.g. once per epoch); dynamic decay needs both losses and ``weight_decay > 0``."""
+        del boost, accu
+        self._pending_valid = loss
+
+    def check_next_step(self) -> tuple[bool, int]:
+        """``(real, collects)``: whether the next call with a gradient moves the parameters (host sync)."""
+        if self._jstate is None:
+            return True, 0 if self._cfg[4][1] >= 2 else 1
+        real, collects = elra_next_call_is_real_step(self._jstate)
+        return bool(real), int(collects)
+
+    def get_gradient(self) -> torch.Tensor:
+        """The gradient as one flat tensor in global-vector order (zeros for missing gradients)."""
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
+                          for p in self._order])
+
+    def get_param(self, only_new: bool = True, device=None) -> Optional[torch.Tensor]:
+        """The parameters as one flat tensor (a copy); ``None`` if ``only_new`` and nothing moved since."""
+        if only_new:
+            if self._changed is None or not bool(self._changed):
+                return None
+        self._changed = jnp.asarray(False)
+        flat = torch.cat([p.detach().reshape(-1) for p in self._order]).clone()
+        return flat if device is None else flat.to(device)
+
+    # ---- booster ---------------------------------------------------------------------------------------
+    def get_boost_model(self, enable: bool, model=None, device=None):
+        """Averaged parameters in a copy of ``model`` for logging: ``(count, loss, model_copy)``.
+
+        The first call with ``enable=True`` copies ``model`` and starts averaging (returns ``(0, 0.0,
+        None)``); later calls (once per epoch) return the average of the last window, or ``(0, 0.0, None)``.
+        ``enable=False`` stops averaging. Never changes the optimization.
+        """
+        if not enable:
+            self._boost, self._boost_model, self._boost_source = None, None, None
+            return 0, 0.0, None
+        if self._boost_model is None:
+            if model is None:
+                raise ValueError("get_boost_model(True, model): the first call needs the model")
+            self._boost_source = model
+            self._boost_model = copy.deepcopy(model)
+            if device is not None:
+                self._boost_model.to(device)
+            self._boost = jax.jit(elra_boost_init)(self._jax_params())
+            return 0, 0.0, None
+        if self._boost is None:
+            self._boost = jax.jit(elra_boost_init)(self._jax_params())
+            return 0, 0.0, None
+        self._boost, count, loss, full, available = jax.jit(elra_boost_result)(self._boost)
+        if not bool(available):
+            return 0, 0.0, None
+        src = model if model is not None else self._boost_source
+        index = {id(p): i for i, p in enumerate(src.parameters())}
+        targets = list(self._boost_model.parameters())
+        with torch.no_grad():
+            for lv, leaves in zip(self._leaves, self._split(list(full))):
+                for i, p in enumerate(lv.params):
+                    if id(p) in index:
+                        targets[index[id(p)]].copy_(lv.views(leaves, i))
+            for b_copy, b in zip(self._boost_model.buffers(), src.buffers()):
+                b_copy.copy_(b)
+        return int(count), float(loss), self._boost_model
+
+    def get_boost_model_prev(self):
+        """The model copy last returned by :meth:`get_boost_model` (or None)."""
+        return self._boost_model
+
+    def step_allinone(self, *args, **kwargs):
+        raise NotImplementedError("step_allinone is a debugging helper of the reference package")
+
+    def set_param(self, *args, **kwargs):
+        raise NotImplementedError("set_param is a debugging helper of the reference package")
+
+    def get_boost_future(self, *args, **kwargs):
+        raise NotImplementedError("get_boost_future is a debugging helper of the reference package")
+
+    def set_lgs_device(self, *args, **kwargs):
+        raise NotImplementedError("set_lgs_device is a debugging helper of the reference package")
+
+    # ---- state_dict ------------------------------------------------------------------------------------
+    def _sync_state_to_torch(self):
+        """Write the JAX state into ``self.state`` in torch format (per-param tensors, scalars under 'elra')."""
+        st = self._jstate
+        if st is None:
+            return
+        st_host = jax.device_get(st._replace(g_old=None, x_lastgood=None, coll_grad=None, mom=None))
+        for key, field in _PER_PARAM_KEYS.items():
+            tree = getattr(st, field)
+            if tree is None:
+                continue
+            for lv, leaves in zip(self._leaves, self._split(list(tree))):
+                for i, p in enumerate(lv.params):
+                    entry = dict.get(self.state, p) or {}
+                    entry[key] = lv.views(leaves, i)
+                    dict.__setitem__(self.state, p, entry)
+        scalars = {}
+        for name in _FLOAT_FIELDS + _INT_FIELDS + _BOOL_FIELDS:
+            v = np.asarray(getattr(st_host, name))
+            if name in _BOOL_FIELDS:
+                scalars[name] = torch.tensor(bool(v))
+            elif name in _INT_FIELDS:
+                scalars[name] = torch.tensor(int(v), dtype=torch.int64)
+            else:
+                scalars[name] = torch.tensor(float(v), dtype=torch.float64)
+        scalars["xaver_list"] = torch.from_numpy(np.array(st_host.xaver_list, np.float32))
+        scalars["calls"] = torch.tensor(self._calls, dtype=torch.int64)
+        dict.__setitem__(self.state, "elra", scalars)
+
+    def _import_state(self, fresh: ElraState) -> ElraState:
+        """The JAX state from ``self.state`` (after ``load_state_dict`` or ``add_param_group``)."""
+        scal = dict.get(self.state, "elra")
+        d = fresh._asdict()
+        if scal:
+            for name in _FLOAT_FIELDS + _INT_FIELDS + _BOOL_FIELDS:
+                if name in scal:
+                    v = scal[name]
+                    v = v.item() if torch.is_tensor(v) else v
+                    d[name] = jnp.asarray(v, dtype=fresh._asdict()[name].dtype)
+            if "xaver_list" in scal:
+                d["xaver_list"] = jnp.asarray(np.asarray(scal["xaver_list"], np.float32))
+            if "calls" in scal:
+                self._calls = int(scal["calls"])
+        for key, field in _PER_PARAM_KEYS.items():
+            if d[field] is None:
+                continue
+            leaves = []
+            for lv in self._leaves:
+                tensors = []
+                for p in lv.params:
+                    entry = dict.get(self.state, p) or {}
+                    t = entry.get(key)
+                    if t is None and key == "x_lastgood":
+                        t = p.detach()
+                    tensors.append(t)
+                leaves.extend(lv.pack(tensors))
+            d[field] = leaves
+        return ElraState(**d)
+
+    def state_dict(self):
+        self._sync_state_to_torch()
+        return torch.optim.Optimizer.state_dict(self)
+
+    def load_state_dict(self, state_dict) -> None:
+        torch.optim.Optimizer.load_state_dict(self, state_dict)
+        for p_state in dict.values(self.state):
+            for key, value in list(p_state.items()):
+                if torch.is_tensor(value):
+                    p_state[key] = value.detach().clone()
+        self._jstate = None
+        self._needs_import = True
+
+    def __setstate__(self, state) -> None:
+        # torch's load_state_dict ends here; the generic bridge's per-group bookkeeping does not apply
+        torch.optim.Optimizer.__setstate__(self, state)
+
+    def __getstate__(self):
+        raise TypeError("pickle ELRA through state_dict() / load_state_dict()")
+
+
+ElraOptimizer = ELRA
+
+
+class ElraGradScaler(torch.amp.GradScaler):
+    """``torch.amp.GradScaler`` that passes the loss to ELRA: ``scaler.scale(loss).backward();
+    scaler.step(opt); scaler.update()``.
+
+    ``step`` unscales and checks the gradients like ``GradScaler``; with finite gradients it calls
+    ``opt.step(value=loss, force_retrace=(loss >= loss_limit) | ~isfinite(loss))`` (no host sync), else
+    it skips the optimizer call as ``GradScaler`` does.
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000, loss_limit: float = 65000.0, enabled: bool = True, device=None):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        super().__init__(device, init_scale=init_scale, growth_factor=growth_factor,
+                         backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled)
+        self.loss_limit = float(loss_limit)
+        self._last_loss = None
+
+    def scale(self, outputs):
+        if torch.is_tensor(outputs):
+            self._last_loss = outputs.detach()
+        return super().scale(outputs)
+
+    def step(self, optimizer, *args, **kwargs):
+        if isinstance(optimizer, ELRA) and "value" not in kwargs and not args:
+            loss = self._last_loss
+            if loss is None:
+                raise RuntimeError("ElraGradScaler.step: call scaler.scale(loss) first")
+            kwargs["value"] = loss
+            kwargs["force_retrace"] = (loss >= self.loss_limit) | ~torch.isfinite(loss)
+        return super().step(optimizer, *args, **kwargs)
