@@ -118,16 +118,17 @@ def epsilon_greedy(
 ) -> jax.Array:
     """An action for one state's Q-values ``q_row`` (int32).
 
-    With ``u1, u2 ~ U(0, 1)`` and ``c_lr, c_m ~ U{0, 1, 2}`` drawn from ``split(key, 4)``: if ``u1 < ε``
-    (explore) the action is ``9·type + 3·c_lr + c_m`` with ``type = 0`` (multiplicative) when ``u2 < mix_prob``,
-    else 1 (additive); otherwise ``argmax q_row`` (the first maximum, so an all-zero row gives the no-op 0).
+    With ``u1, u2 ~ U[0, 1)`` and ``c_lr, c_m ~ U{0, 1, 2}`` taken from four random 32-bit words of ``key``
+    (uniforms on a 2²⁴ grid; ``word mod 3``, whose bias is 2⁻³²): if ``u1 < ε`` (explore) the action is
+    ``9·type + 3·c_lr + c_m`` with ``type = 0`` (multiplicative) when ``u2 < mix_prob``, else 1 (additive);
+    otherwise ``argmax q_row`` (the first maximum, so an all-zero row gives the no-op 0).
     """
-    k1, k2, k3, k4 = jax.random.split(key, 4)
     dtype = q_row.dtype
-    u1 = jax.random.uniform(k1, (), dtype)
-    u2 = jax.random.uniform(k2, (), dtype)
-    c_lr = jax.random.randint(k3, (), 0, 3, jnp.int32)
-    c_m = jax.random.randint(k4, (), 0, 3, jnp.int32)
+    words = jax.random.bits(key, (4,), jnp.uint32)
+    uniforms = (words[:2] >> 8).astype(dtype) * (2.0**-24)
+    u1, u2 = uniforms[0], uniforms[1]
+    c_lr = (words[2] % 3).astype(jnp.int32)
+    c_m = (words[3] % 3).astype(jnp.int32)
     action_type = jnp.where(u2 < jnp.asarray(mix_prob, dtype), 0, 1).astype(jnp.int32)
     random_action = 9 * action_type + 3 * c_lr + c_m
     greedy = jnp.argmax(q_row).astype(jnp.int32)

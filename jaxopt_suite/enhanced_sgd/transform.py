@@ -471,7 +471,9 @@ def scale_by_enhanced_sgd(
             finite = finite & jnp.isfinite(f)
 
         def step(state: EnhancedSGDState):
-            key, k_noise, k_ctrl = jax.random.split(state.key, 3)
+            # One split gives the next key, the controller's key and one noise key per leaf.
+            keys = jax.random.split(state.key, 2 + len(leaves))
+            key, k_ctrl, leaf_keys = keys[0], keys[1], keys[2:]
             # Statistics of the raw gradient.
             total = count_n
             grad_mean = sum(s.astype(D) for s in sums) / jnp.maximum(total, 1)
@@ -508,7 +510,6 @@ def scale_by_enhanced_sgd(
 
             insert = hn >= hbar
             n_ret = state.retained_count
-            leaf_keys = jax.random.split(k_noise, len(leaves)) if apply_noise else [None] * len(leaves)
             retained_in = treedef.flatten_up_to(state.retained) if gradient_retention else [None] * len(leaves)
             buffers_in = treedef.flatten_up_to(state.momentum_buffer)
             lrs = _per_leaf(learning_rate, treedef)
