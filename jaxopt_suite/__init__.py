@@ -7,6 +7,9 @@ optimizers that tests, the torch bridge and the demo read.
 
 from ._common import FlatLayout, get_hyperparams, zero_masked
 from .adam import AdamState, adam, adamw, scale_by_adam
+from .adopt import ADOPTState, adopt, default_clip_value, scale_by_adopt
+from .asgd import ASGDState, asgd, asgd_averaged_params, scale_by_asgd
+from .lookahead import LookaheadState, lookahead, lookahead_adam, lookahead_sgd, lookahead_slow_params
 from .sgd import SGDState, scale_by_sgd_momentum, sgd
 from . import registry
 
@@ -18,6 +21,19 @@ __all__ = [
     "adam",
     "adamw",
     "scale_by_adam",
+    "ADOPTState",
+    "adopt",
+    "default_clip_value",
+    "scale_by_adopt",
+    "ASGDState",
+    "asgd",
+    "asgd_averaged_params",
+    "scale_by_asgd",
+    "LookaheadState",
+    "lookahead",
+    "lookahead_adam",
+    "lookahead_sgd",
+    "lookahead_slow_params",
     "SGDState",
     "scale_by_sgd_momentum",
     "sgd",

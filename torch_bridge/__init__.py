@@ -1,0 +1,16 @@
+"""PyTorch optimizers backed by jaxopt-suite's JAX transformations (zero-copy through DLPack).
+
+Every class is a real ``torch.optim.Optimizer``: param groups, schedulers, closures, hooks, GradScaler
+and torch-format ``state_dict``. See :mod:`torch_bridge.optimizer` for the execution model and for how
+to write a new class.
+"""
+
+from .adam import Adam, AdamW
+from .adopt import ADOPT
+from .asgd import ASGD
+from .lookahead import Lookahead, TorchLookahead
+from .optimizer import JaxOptimizer, compiled_step_cache_size
+from .sgd import SGD
+
+__all__ = ["JaxOptimizer", "SGD", "Adam", "AdamW", "ADOPT", "ASGD", "Lookahead", "TorchLookahead",
+           "compiled_step_cache_size"]

@@ -1,0 +1,77 @@
+"""``ASGD``: :func:`jaxopt_suite.asgd` behind ``torch.optim.ASGD``'s signature (plus ``momentum``)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import jaxopt_suite
+
+from .adopt import registry_or
+from .optimizer import JaxOptimizer
+
+
+class ASGD(JaxOptimizer):
+    """Drop-in for ``torch.optim.ASGD`` (single-tensor path), with an optional keyword ``momentum``.
+
+    Torch state keys ``step``, ``eta``, ``mu``, ``ax`` (plus ``momentum_buffer`` when momentum != 0); ``eta``
+    and ``mu`` are kept in torch's scalar dtype (float32 unless torch's default dtype is float64).
+    ``momentum=0`` is exactly torch's ASGD. Use :meth:`averaged` to evaluate on the averaged weights ``ax``.
+    """
+
+    state_keys = {"step": "ASGDState.count", "eta": "ASGDState.eta", "mu": "ASGDState.avg_weight",
+                  "ax": "ASGDState.ax", "momentum_buffer": "ASGDState.momentum_buffer"}
+    elementwise = True
+    group_flag_defaults = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False,
+                           "momentum": 0.0}
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None,
+                 maximize=False, differentiable=False, capturable=False, *, momentum=0.0, flat=True):
+        if torch.is_tensor(lr) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        self.scalar_dtype = "float64" if torch.get_default_dtype() == torch.float64 else "float32"
+        defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable, capturable=capturable,
+                        momentum=momentum)
+        super().__init__(params, registry_or("asgd", jaxopt_suite.asgd), defaults=defaults, flat=flat)
+
+    _persistent_attrs = ("scalar_dtype",)
+
+    def _hyperparams(self, group):
+        out = {"learning_rate": float(group["lr"]), "lambd": float(group["lambd"]),
+               "alpha": float(group["alpha"]), "t0": float(group["t0"]),
+               "weight_decay": float(group["weight_decay"])}
+        if float(group["momentum"]) != 0.0:
+            out["momentum"] = float(group["momentum"])
+        return out
+
+    def _static_config(self, group):
+        static = {"maximize": bool(group["maximize"]), "scalar_dtype": self.scalar_dtype}
+        if float(group["momentum"]) == 0.0:
+            static["momentum"] = None
+        return static
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Temporarily put the averaged weights ``ax`` into the parameters (for evaluation)."""
+        saved = []
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if st and "ax" in st:
+                        saved.append((p, p.detach().clone()))
+                        p.copy_(st["ax"])
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                for p, value in saved:
+                    p.copy_(value)

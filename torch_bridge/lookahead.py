@@ -1,0 +1,172 @@
+"""``Lookahead(optimizer, k=5, alpha=0.5)``: slow weights around a bridge or an ordinary torch optimizer.
+
+Every ``k`` steps of the inner optimizer the fast weights θ (the model's parameters) are pulled towards
+the slow weights φ: ``θ ← φ + α(θ − φ)``, then ``φ ← θ`` (α weights the fast weights; Zhang et al. 2019,
+arXiv:1907.08610).
+
+* Wrapping a bridge optimizer (``torch_bridge.SGD``, ``Adam``...) takes over its param groups and runs
+  :func:`jaxopt_suite.lookahead` around the inner transformation in the same compiled step. The inner
+  optimizer object must not be stepped afterwards.
+* Wrapping any other ``torch.optim.Optimizer`` runs the same rule in plain torch after its ``step``.
+
+state_dict: torch format, the inner optimizer's per-parameter keys plus ``slow_param``; group keys
+``lookahead_step`` (steps since the last synchronisation), ``k`` and ``alpha``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import torch
+
+import jaxopt_suite
+from jaxopt_suite import registry
+
+from .optimizer import JaxOptimizer, entry_info
+
+RESETS = ("none", "inner", "momentum")
+
+
+def _check(k, alpha, reset):
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"Invalid k value: {k}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"Invalid alpha value: {alpha}")
+    if reset not in RESETS:
+        raise ValueError(f"Invalid reset value: {reset!r}; expected one of {list(RESETS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LookaheadFactory:
+    """Hashable factory ``lookahead(inner(**kwargs), sync_period, slow_step_size, reset=reset)``."""
+
+    inner: Any  # registry name or factory callable
+
+    @property
+    def requires_value(self) -> bool:
+        return entry_info(self.inner)[0]
+
+    @property
+    def supports_segments(self) -> bool:
+        return entry_info(self.inner)[1]
+
+    def __call__(self, *, sync_period, slow_step_size, reset="none", **inner_kwargs):
+        build = registry.get(self.inner).build if isinstance(self.inner, str) else self.inner
+        return jaxopt_suite.lookahead(build(**inner_kwargs), sync_period, slow_step_size, reset=reset)
+
+
+class Lookahead(JaxOptimizer):
+    """Lookahead around ``optimizer`` (see the module docstring). ``reset``: "none", "inner" or "momentum"."""
+
+    def __new__(cls, optimizer=None, *args, **kwargs):
+        if optimizer is not None and not isinstance(optimizer, JaxOptimizer):
+            return TorchLookahead(optimizer, *args, **kwargs)
+        return super().__new__(cls)
+
+    _persistent_attrs = ("optimizer", "reset", "state_keys", "presence_fields", "group_state_keys",
+                         "elementwise", "group_flag_defaults")
+
+    def __init__(self, optimizer, k=5, alpha=0.5, *, reset="none"):
+        _check(k, alpha, reset)
+        inner = optimizer
+        inner._refresh_state()
+        inherited = {p: st for p, st in dict.items(inner.state)}
+        for rt in inner._runtime:
+            for buf in rt.buffers:
+                buf.release()
+        inner._runtime = []
+        inner._runtime_valid = False
+        self.optimizer = inner
+        self.reset = reset
+        self.state_keys = {**inner.state_keys, "slow_param": "LookaheadState.slow"}
+        self.presence_fields = tuple(inner.presence_fields)
+        self.group_state_keys = {"lookahead_step": "LookaheadState.count"}
+        self.elementwise = inner.elementwise
+        self.group_flag_defaults = {**inner.group_flag_defaults, "lookahead_step": 0}
+        for group in inner.param_groups:
+            group.setdefault("k", k)
+            group.setdefault("alpha", alpha)
+            group.setdefault("lookahead_step", 0)
+        defaults = {**inner.defaults, "k": k, "alpha": alpha, "lookahead_step": 0}
+        super().__init__(list(inner.param_groups), inner._entry_name, defaults=defaults, flat=inner.flat)
+        for p, st in inherited.items():
+            dict.__setitem__(self.state, p, st)
+        self._runtime_valid = False  # re-adopt with the inherited state at the first step
+
+    def _entry_for_group(self, group):
+        return LookaheadFactory(self.optimizer._entry_for_group(group))
+
+    def _hyperparams(self, group):
+        return {**self.optimizer._hyperparams(group), "sync_period": int(group["k"]),
+                "slow_step_size": float(group["alpha"])}
+
+    def _static_config(self, group):
+        return {**self.optimizer._static_config(group), "reset": self.reset}
+
+    def step(self, closure=None, *, value=None):
+        return super().step(closure, value=value)
+
+
+class TorchLookahead(torch.optim.Optimizer):
+    """Lookahead around an ordinary ``torch.optim`` optimizer, in plain torch (same rule and state keys)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, k=5, alpha=0.5, *, reset="none"):
+        _check(k, alpha, reset)
+        if reset != "none":
+            raise ValueError("reset modes other than 'none' need a torch_bridge inner optimizer")
+        for group in optimizer.param_groups:
+            group.setdefault("k", k)
+            group.setdefault("alpha", alpha)
+            group.setdefault("lookahead_step", 0)
+        torch.optim.Optimizer.__setstate__(self, {
+            "optimizer": optimizer, "param_groups": optimizer.param_groups,
+            "defaults": {**optimizer.defaults, "k": k, "alpha": alpha, "lookahead_step": 0},
+            "state": collections.defaultdict(dict), "reset": reset,
+        })
+        self._optimizer_step_pre_hooks = collections.OrderedDict()
+        self._optimizer_step_post_hooks = collections.OrderedDict()
+
+    def __getstate__(self):
+        return {"optimizer": self.optimizer, "param_groups": self.param_groups, "defaults": self.defaults,
+                "state": self.state, "reset": self.reset}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "slow_param" not in self.state[p]:
+                    self.state[p]["slow_param"] = p.detach().clone()
+        loss = self.optimizer.step(closure)
+        for group in self.param_groups:
+            group["lookahead_step"] += 1
+            if group["lookahead_step"] >= group["k"]:
+                group["lookahead_step"] = 0
+                for p in group["params"]:
+                    slow = self.state[p]["slow_param"]
+                    slow.add_(p.detach() - slow, alpha=group["alpha"])
+                    p.copy_(slow)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self):
+        inner = self.optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for p, st in self.state.items():
+            if "slow_param" in st:
+                inner["state"].setdefault(index[id(p)], {})["slow_param"] = st["slow_param"].clone()
+        return inner
+
+    def load_state_dict(self, state_dict) -> None:
+        state = {k: dict(v) for k, v in state_dict["state"].items()}
+        slow = {k: v.pop("slow_param") for k, v in state.items() if "slow_param" in v}
+        self.optimizer.load_state_dict({"state": {k: v for k, v in state.items() if v},
+                                        "param_groups": state_dict["param_groups"]})
+        self.param_groups = self.optimizer.param_groups
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.state = collections.defaultdict(dict)
+        for k, v in slow.items():
+            self.state[params[k]]["slow_param"] = v.to(dtype=params[k].dtype, device=params[k].device).clone()

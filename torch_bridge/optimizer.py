@@ -1,0 +1,1036 @@
+"""``JaxOptimizer``: any registry optimizer as a real ``torch.optim.Optimizer``.
+
+The math runs in JAX (one compiled step per buffer, shared across instances); the parameters and
+gradients stay torch tensors that JAX reads through DLPack without copies.
+
+How a step works (flat path, the default)
+-----------------------------------------
+* Per param group and per (dtype, device), the parameters are packed into one flat torch buffer; each
+  parameter is a segment padded with zeros to 64 bytes (:class:`jaxopt_suite.FlatLayout`). ``p.data``
+  and ``p.grad`` are re-pointed to views of the flat parameter and gradient buffers (``id(p)`` does not
+  change), and both buffers are imported into JAX once.
+* A post-accumulate-grad hook marks each parameter whose gradient was received since the last
+  ``zero_grad()``; a parameter without a mark is "logically None" and skipped exactly as torch skips a
+  parameter whose ``.grad`` is None (no decay, no state change, per-parameter step counts). The one
+  visible difference: such a ``.grad`` reads as zeros instead of None.
+* While every segment of a buffer is stepped together (and the optimizer is elementwise) the buffer runs
+  in *uniform mode*: the flat buffer is an ordinary one-leaf pytree. The first time some parameter is
+  skipped, the buffer switches for good to *segment mode*: the factory gets ``segments=FlatLayout`` and a
+  ``grad_mask`` with one entry per segment.
+* Numeric hyperparameters are read from the group at every step (``float(...)``, so a tensor lr works)
+  and passed to the jitted step as traced arguments: schedulers never cause recompiles. Structural
+  options (maximize, amsgrad, nesterov...) are static; changing one rebuilds the state once through the
+  torch-side state.
+* The new parameters land in a donated JAX-owned scratch buffer and are written back with one
+  ``copy_`` into the flat torch buffer (whose data pointer therefore never changes).
+
+Parameters that are views, overlap another parameter, are not contiguous, or groups of several dtypes
+for an optimizer that is not elementwise, use the *simple path*: a per-parameter pytree imported at
+each step and written back with ``copy_`` (same results, slower with many tensors). ``flat=False``
+forces it.
+
+The JAX state is a cache: ``self.state`` (and ``state_dict()``) show torch-format snapshots refreshed
+lazily after each step, and after ``load_state_dict``, unpickling or ``copy.deepcopy`` the torch-side
+state is authoritative and the JAX state is rebuilt from it. Write to the state through
+``load_state_dict``: writes into ``self.state[p]`` are not propagated.
+
+Writing a subclass (one torch-style class per registry entry)
+-------------------------------------------------------------
+A subclass maps torch-style arguments to a registry entry::
+
+    class MyOpt(JaxOptimizer):
+        entry_name = "my_entry"                  # registry.get(...) name (or override _entry_for_group)
+        state_keys = {"step": "MyState.count",   # torch state key -> JAX state field; a field is named
+                      "exp_avg": "mu"}           #   "field" or "StateClass.field" (first match wins)
+        presence_fields = ()                     # per-param counters without a torch key: 1 if the param
+                                                 #   has torch state else 0 (SGD's momentum count)
+        group_state_keys = {}                    # torch group key -> JAX field of a global (not per-param)
+                                                 #   state leaf, e.g. {"lookahead_step": "LookaheadState.count"}
+        elementwise = True                       # no per-tensor reductions: uniform mode allowed and
+                                                 #   buffers may be split by dtype
+        group_flag_defaults = {"maximize": False}  # setdefault'ed in __setstate__ (old checkpoints)
+
+        def __init__(self, params, lr=1e-3, beta=0.9, *, maximize=False):
+            if not 0.0 <= lr: raise ValueError(f"Invalid learning rate: {lr}")
+            super().__init__(params, defaults=dict(lr=lr, beta=beta, maximize=maximize))
+
+        def _hyperparams(self, group):           # traced: read with float() at every step
+            return {"learning_rate": float(group["lr"]), "b1": float(group["beta"])}
+
+        def _static_config(self, group):         # static: hashable Python values (recompile on change)
+            return {"maximize": bool(group["maximize"])}
+
+Unmapped per-parameter state fields are saved under their field path (e.g. ``"ScaleState.nu"``) and
+unmapped global leaves under the group key ``"jax_state"``, so nothing is lost in a checkpoint. Entries
+with ``requires_value`` get the loss: from ``step(closure)`` (the closure's return value) or from
+``step(value=loss)``; a missing loss raises. ``_state_value_to_torch`` converts per-param scalars
+(``step`` becomes a 0-d float32 tensor as in torch) and may be overridden.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import inspect
+import math
+import warnings
+import weakref
+from typing import Any, ClassVar, Hashable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from jaxopt_suite import registry
+from jaxopt_suite._common import FlatLayout
+
+from . import dlpack
+
+__all__ = ["JaxOptimizer", "StepSpec", "compiled_step_cache_size", "entry_info"]
+
+SIMPLE_PATH_WARN_LEAVES = 400
+
+
+# --------------------------------------------------------------------------------------------------
+# compiled functions, shared by every instance (static arguments: entry, structure, layout)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about a compiled step: registry entry, structural kwargs and flat layout."""
+
+    entry: Any  # a registry name, or a hashable factory callable (kwargs -> transformation)
+    static: tuple[tuple[str, Hashable], ...]
+    segments: Optional[FlatLayout] = None
+
+    def transformation(self, hyper: Mapping[str, Any]):
+        build = registry.get(self.entry).build if isinstance(self.entry, str) else self.entry
+        kwargs = dict(self.static)
+        kwargs.update(hyper)
+        if self.segments is not None:
+            kwargs["segments"] = self.segments
+        return build(**kwargs)
+
+
+def entry_info(entry) -> tuple[bool, bool]:
+    """``(requires_value, supports_segments)`` of a registry name or a factory callable.
+
+    A factory callable may carry ``requires_value`` / ``supports_segments`` attributes (default False/True).
+    """
+    if isinstance(entry, str):
+        e = registry.get(entry)
+        return e.requires_value, e.supports_segments
+    return bool(getattr(entry, "requires_value", False)), bool(getattr(entry, "supports_segments", True))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _compiled_init(params, hyper, *, spec: StepSpec):
+    return spec.transformation(hyper).init(params)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(0, 1), keep_unused=True)
+def _compiled_step(scratch, state, params, grads, hyper, grad_mask, value, *, spec: StepSpec):
+    # ``scratch`` is unused on purpose: it is donated so that the new params reuse its memory.
+    del scratch
+    extra = {}
+    if grad_mask is not None:
+        extra["grad_mask"] = grad_mask
+    if value is not None:
+        extra["value"] = value
+    updates, new_state = spec.transformation(hyper).update(grads, state, params, **extra)
+    new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+    return new_params, new_state
+
+
+def compiled_step_cache_size() -> int:
+    """Number of compiled step executables (all instances share them); tests count recompiles with it."""
+    return _compiled_step._cache_size()
+
+
+# --------------------------------------------------------------------------------------------------
+# state walking: which leaves are per-parameter, which are global
+# --------------------------------------------------------------------------------------------------
+
+
+def _walk_state(node, params_def, path=(), out=None):
+    """List ``(path, subtree, is_per_param)``; per-param subtrees are shaped like the params list."""
+    if out is None:
+        out = []
+    if node is None:
+        return out
+    if isinstance(node, list) and jax.tree.structure(node) == params_def:
+        out.append((path, node, True))
+        return out
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        for field in node._fields:
+            _walk_state(getattr(node, field), params_def, path + (f"{type(node).__name__}.{field}",), out)
+    elif isinstance(node, (tuple, list)):
+        for i, child in enumerate(node):
+            _walk_state(child, params_def, path + (str(i),), out)
+    elif isinstance(node, dict):
+        for key in sorted(node):
+            _walk_state(node[key], params_def, path + (str(key),), out)
+    else:
+        out.append((path, node, False))
+    return out
+
+
+def _rebuild_state(node, params_def, replacements, path=()):
+    """``node`` with the subtrees at the paths of ``replacements`` replaced."""
+    if path in replacements:
+        return replacements[path]
+    if node is None:
+        return None
+    if isinstance(node, list) and jax.tree.structure(node) == params_def:
+        return node
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return type(node)(*[
+            _rebuild_state(getattr(node, f), params_def, replacements, path + (f"{type(node).__name__}.{f}",))
+            for f in node._fields
+        ])
+    if isinstance(node, (tuple, list)):
+        return type(node)(_rebuild_state(c, params_def, replacements, path + (str(i),)) for i, c in enumerate(node))
+    if isinstance(node, dict):
+        return {k: _rebuild_state(node[k], params_def, replacements, path + (str(k),)) for k in node}
+    return node
+
+
+def _field_matches(path: tuple[str, ...], spec: str) -> bool:
+    if not path:
+        return False
+    last = path[-1]
+    return last == spec or last.split(".", 1)[-1] == spec or "/".join(path) == spec
+
+
+def _path_name(path: tuple[str, ...]) -> str:
+    """Auto key for an unmapped field: the innermost ``State.field`` (full path only if needed)."""
+    return "/".join(path)
+
+
+def _torch_dtype_of(array) -> torch.dtype:
+    return dlpack.to_torch(jnp.zeros((), array.dtype)).dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# buffers: one flat buffer per (group, dtype, device), or one simple (per-tensor) set per group
+# --------------------------------------------------------------------------------------------------
+
+
+class _Buffer:
+    """Common part of flat and simple buffers: params, host-side marks, JAX state and its torch view."""
+
+    flat: bool = False
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.stepped = np.zeros(len(params), dtype=bool)  # has torch-side state
+        self.state = None  # JAX state (cache); None = rebuild from torch state
+        self.spec: Optional[StepSpec] = None
+        self.stale = False  # torch-side snapshot older than the JAX state
+
+    # ---- state conversion -------------------------------------------------------------------
+    def _params_def(self):
+        return jax.tree.structure([0] * (1 if self.flat else len(self.params)))
+
+    def _per_param_value(self, leaf, i: int, per_element: bool):
+        raise NotImplementedError
+
+    def _classify(self, leaf) -> str:
+        raise NotImplementedError
+
+    def export(self, opt: "JaxOptimizer", group: dict) -> None:
+        """Write torch-format snapshots of the JAX state into ``opt.state`` (and global leaves into group)."""
+        if self.state is None:
+            self.stale = False
+            return
+        walked = _walk_state(self.state, self._params_def())
+        names = opt._field_names(walked)
+        per_param = [(names[path], sub) for path, sub, pp in walked if pp and names[path] is not None]
+        host_cache = {}
+        for i, p in enumerate(self.params):
+            if not self.stepped[i]:
+                dict.pop(opt.state, p, None)
+                continue
+            entry = {}
+            for key, sub in per_param:
+                leaf = sub[0] if self.flat else sub[i]
+                kind = self._classify(leaf, i)
+                if kind == "element":
+                    entry[key] = self._element_to_torch(leaf, i, host_cache)
+                else:
+                    if id(leaf) not in host_cache:
+                        host_cache[id(leaf)] = np.asarray(leaf)
+                    host = host_cache[id(leaf)]
+                    value = host if kind == "scalar" else host[i]
+                    entry[key] = opt._state_value_to_torch(key, value, p)
+            if entry:
+                dict.__setitem__(opt.state, p, entry)
+            else:
+                dict.pop(opt.state, p, None)
+        opt._export_global(group, [(path, leaf) for path, leaf, pp in walked if not pp])
+        self.stale = False
+
+    def _element_to_torch(self, leaf, i, host_cache):
+        raise NotImplementedError
+
+    def build_state(self, opt: "JaxOptimizer", group: dict, hyper, spec: StepSpec, device):
+        """The JAX state for ``spec`` made from the torch-side state (``opt.state``) and a fresh init."""
+        params_j = self.jax_params()
+        template = _compiled_init(params_j, hyper, spec=spec)
+        walked = _walk_state(template, self._params_def())
+        names = opt._field_names(walked)
+        presence = {path for path, _, pp in walked if pp and opt._is_presence(path)}
+        torch_states = [opt.state.get_raw(p) for p in self.params]
+        replacements = {}
+        for path, sub, per_param in walked:
+            if not per_param:
+                continue
+            key = names[path]
+            replacements[path] = self._fill_field(sub, key, path in presence, torch_states)
+        state = _rebuild_state(template, self._params_def(), replacements)
+        globals_ = opt._import_global(group, [(path, leaf) for path, leaf, pp in walked if not pp])
+        if globals_:
+            state = _rebuild_state(state, self._params_def(), globals_)
+        return jax.device_put(state, device)
+
+    def _fill_field(self, sub, key, presence, torch_states):
+        raise NotImplementedError
+
+
+class _FlatBuffer(_Buffer):
+    """Params of one dtype/device packed into one flat torch buffer; p.data / p.grad are its views."""
+
+    flat = True
+
+    def __init__(self, params, elementwise: bool):
+        super().__init__(params)
+        dtype, device = params[0].dtype, params[0].device
+        self.elementwise = elementwise
+        self.layout = FlatLayout.from_shapes([tuple(p.shape) for p in params], dlpack.align_elements(dtype))
+        total = self.layout.total
+        self.flat_p = torch.zeros(total, dtype=dtype, device=device)
+        self.flat_g = torch.zeros(total, dtype=dtype, device=device)
+        self.marks = np.zeros(len(params), dtype=bool)
+        self.pviews, self.gviews, self.ptrs, self.hooks = [], [], [], []
+        self.mode = "uniform" if elementwise else "segment"
+        ref = weakref.ref(self)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                off, n = self.layout.offsets[i], self.layout.numels[i]
+                pv = self.flat_p[off:off + n].view(p.shape)
+                gv = self.flat_g[off:off + n].view(p.shape)
+                pv.copy_(p.detach())
+                p.data = pv
+                if p.grad is not None:
+                    _check_grad(p.grad)
+                    gv.copy_(p.grad)
+                    self.marks[i] = True
+                if p.requires_grad:
+                    p.grad = gv
+                    self.hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_mark_hook, ref, i)))
+                self.pviews.append(pv)
+                self.gviews.append(gv)
+                self.ptrs.append(pv.data_ptr())
+        self.jp = [dlpack.to_jax(self.flat_p, zero_copy=True)]
+        self.jg = [dlpack.to_jax(self.flat_g, zero_copy=True)]
+        self.device = next(iter(self.jp[0].devices()))
+        self.scratch = None
+
+    def release(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def jax_params(self):
+        return self.jp
+
+    def nbytes(self) -> int:
+        """Bytes held by the bridge for this buffer: flat params, grads, scratch and JAX state."""
+        leaves = jax.tree.leaves(self.state) + (jax.tree.leaves(self.scratch) if self.scratch else [])
+        return (self.flat_p.nbytes + self.flat_g.nbytes + sum(int(x.nbytes) for x in leaves))
+
+    def _classify(self, leaf, i=None):
+        if leaf.ndim == 0:
+            return "scalar"
+        if leaf.shape[0] == self.layout.num_segments and leaf.shape[0] != self.layout.total:
+            return "segment"
+        return "element"
+
+    def _element_to_torch(self, leaf, i, host_cache):
+        if id(leaf) not in host_cache:
+            host_cache[id(leaf)] = dlpack.to_torch(leaf)
+        off, n = self.layout.offsets[i], self.layout.numels[i]
+        return host_cache[id(leaf)][off:off + n].view(self.params[i].shape).clone()
+
+    def _fill_field(self, sub, key, presence, torch_states):
+        leaf = sub[0]
+        kind = self._classify(leaf)
+        n = len(self.params)
+        if kind == "element":
+            out = dlpack.to_torch(leaf).clone()
+            for i, st in enumerate(torch_states):
+                if st and key in st:
+                    value = _as_tensor(st[key], i, self.params[i])
+                    off, num = self.layout.offsets[i], self.layout.numels[i]
+                    out[off:off + num].copy_(value.reshape(-1))
+            return [dlpack.to_jax_copy(out)]
+        host = np.array(leaf)  # 0-d (uniform) or per-segment vector
+        values = []
+        for i, st in enumerate(torch_states):
+            if presence:
+                values.append(1 if st else 0)
+            elif st and key in st:
+                values.append(_scalar_of(st[key]))
+            else:
+                values.append(host if kind == "scalar" else host[i])
+        if kind == "scalar":
+            if any(not np.array_equal(np.asarray(v), np.asarray(values[0])) for v in values):
+                raise _NeedsSegmentMode()
+            return [jnp.asarray(np.asarray(values[0]).astype(host.dtype))]
+        vec = host.copy()
+        vec[:n] = np.asarray(values).astype(host.dtype).reshape(n, *host.shape[1:])
+        return [jnp.asarray(vec)]
+
+    def sync_grads(self):
+        """Detect replaced / None grads and moved params before a step (O(#params) identity checks)."""
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                g = p.grad
+                if g is not self.gviews[i]:
+                    if g is None:
+                        if self.marks[i] or p.requires_grad:
+                            self.gviews[i].zero_()
+                        self.marks[i] = False
+                    else:
+                        _check_grad(g)
+                        self.gviews[i].copy_(g)
+                        p.grad = self.gviews[i]
+                        self.marks[i] = True
+                if p.data_ptr() != self.ptrs[i]:
+                    if p.shape != self.pviews[i].shape or p.dtype != self.flat_p.dtype or p.device != self.flat_p.device:
+                        raise _NeedsRebuild()
+                    self.pviews[i].copy_(p.detach())
+                    p.data = self.pviews[i]
+
+    def zero_grad(self, set_to_none: bool):
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if p.grad is not self.gviews[i]:
+                    if p.requires_grad:
+                        p.grad = self.gviews[i]
+                    elif p.grad is not None:
+                        p.grad = None
+            self.flat_g.zero_()
+        if set_to_none:
+            self.marks[:] = False
+
+    def step(self, opt, group, entry_name, static, hyper, value):
+        if not self.marks.any():
+            return
+        if self.mode == "uniform" and not self.marks.all():
+            self.mode = "segment"
+        spec = StepSpec(entry_name, static, self.layout if self.mode == "segment" else None)
+        if spec != self.spec:
+            if self.state is not None:
+                self.export(opt, group)
+            self.state, self.spec = None, spec
+        if self.state is None:
+            try:
+                self.state = self.build_state(opt, group, hyper, spec, self.device)
+            except _NeedsSegmentMode:
+                self.mode = "segment"
+                self.spec = spec = StepSpec(entry_name, static, self.layout)
+                self.state = self.build_state(opt, group, hyper, spec, self.device)
+        if self.scratch is None:
+            self.scratch = [jax.device_put(jnp.zeros_like(self.jp[0]), self.device)]
+        mask = None if self.mode == "uniform" else [np.append(self.marks, True)]
+        new_p, self.state = _compiled_step(self.scratch, self.state, self.jp, self.jg, hyper, mask, value, spec=spec)
+        view = dlpack.to_torch(new_p[0])  # waits for the step; XLA is then done reading torch memory
+        self.flat_p.copy_(view)
+        del view  # a live torch view would make the next donation silently fall back to a copy
+        self.scratch = new_p
+        self.stepped |= self.marks
+        self.stale = True
+
+
+class _SimpleBuffer(_Buffer):
+    """Per-parameter pytree imported at every step; written back with ``copy_``."""
+
+    flat = False
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.device = None
+        self._zeros = {}
+        if len(params) >= SIMPLE_PATH_WARN_LEAVES:
+            warnings.warn(
+                f"torch_bridge: {len(params)} parameters on the simple (per-tensor) path; compile time grows "
+                "linearly with the number of tensors. Use contiguous, non-aliased parameters for the flat path.",
+                stacklevel=4,
+            )
+
+    def release(self):
+        pass
+
+    def jax_params(self):
+        return [dlpack.to_jax(p) for p in self.params]
+
+    def nbytes(self) -> int:
+        return sum(int(x.nbytes) for x in jax.tree.leaves(self.state))
+
+    def export(self, opt, group):
+        if self.state is None:
+            self.stale = False
+            return
+        walked = _walk_state(self.state, self._params_def())
+        names = opt._field_names(walked)
+        per_param = [(names[path], sub) for path, sub, pp in walked if pp and names[path] is not None]
+        for i, p in enumerate(self.params):
+            if not self.stepped[i]:
+                dict.pop(opt.state, p, None)
+                continue
+            entry = {}
+            for key, sub in per_param:
+                leaf = sub[i]
+                scalar = leaf.ndim == 0 and (p.dim() != 0 or opt._is_scalar_key(key)
+                                             or not jnp.issubdtype(leaf.dtype, jnp.floating))
+                if scalar:
+                    entry[key] = opt._state_value_to_torch(key, np.asarray(leaf), p)
+                else:
+                    entry[key] = dlpack.to_torch(leaf).clone()
+            if entry:
+                dict.__setitem__(opt.state, p, entry)
+            else:
+                dict.pop(opt.state, p, None)
+        opt._export_global(group, [(path, leaf) for path, leaf, pp in walked if not pp])
+        self.stale = False
+
+    def _fill_field(self, sub, key, presence, torch_states):
+        out = []
+        for i, (leaf, st) in enumerate(zip(sub, torch_states)):
+            p = self.params[i]
+            if tuple(leaf.shape) == tuple(p.shape) and not (leaf.ndim == 0 and presence):
+                if st and key in st:
+                    value = _as_tensor(st[key], i, p)
+                    out.append(dlpack.to_jax_copy(value.contiguous(), leaf.dtype))
+                else:
+                    out.append(leaf)
+            else:
+                if presence:
+                    out.append(jnp.asarray(1 if st else 0, leaf.dtype))
+                elif st and key in st:
+                    out.append(jnp.asarray(_scalar_of(st[key]), leaf.dtype))
+                else:
+                    out.append(leaf)
+        return out
+
+    def sync_grads(self):
+        for p in self.params:
+            if p.grad is not None:
+                _check_grad(p.grad)
+
+    def zero_grad(self, set_to_none: bool):
+        for p in self.params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    def step(self, opt, group, entry_name, static, hyper, value):
+        mask_host = [p.grad is not None for p in self.params]
+        if not any(mask_host):
+            return
+        if self.device is None:
+            self.device = dlpack.to_jax(self.params[0]).devices().pop()
+        spec = StepSpec(entry_name, static, None)
+        if spec != self.spec:
+            if self.state is not None:
+                self.export(opt, group)
+            self.state, self.spec = None, spec
+        if self.state is None:
+            self.state = self.build_state(opt, group, hyper, spec, self.device)
+        params_j = self.jax_params()
+        grads_j = []
+        for p, has in zip(self.params, mask_host):
+            if has:
+                grads_j.append(dlpack.to_jax(p.grad))
+            else:
+                key = (tuple(p.shape), p.dtype)
+                if key not in self._zeros:
+                    self._zeros[key] = jax.device_put(jnp.zeros(p.shape, dlpack.to_jax(p).dtype), self.device)
+                grads_j.append(self._zeros[key])
+        mask = [np.bool_(m) for m in mask_host]
+        new_p, self.state = _compiled_step(None, self.state, params_j, grads_j, hyper, mask, value, spec=spec)
+        with torch.no_grad():
+            for p, new, has in zip(self.params, new_p, mask_host):
+                if has:
+                    p.copy_(dlpack.to_torch(new))
+        self.stepped |= np.asarray(mask_host)
+        self.stale = True
+
+
+class _NeedsSegmentMode(Exception):
+    pass
+
+
+class _NeedsRebuild(Exception):
+    pass
+
+
+def _mark_hook(buffer_ref, index, tensor):
+    buf = buffer_ref()
+    if buf is not None and index < len(buf.params) and buf.params[index] is tensor:
+        buf.marks[index] = True
+
+
+def _check_grad(grad: torch.Tensor) -> None:
+    if grad.is_sparse:
+        raise RuntimeError("torch_bridge optimizers do not support sparse gradients")
+
+
+def _as_tensor(value, index: int, param: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(value):
+        value = torch.as_tensor(value)
+    if value.numel() != param.numel() or (value.dim() and tuple(value.shape) != tuple(param.shape)):
+        raise ValueError(
+            f"state of parameter {index} has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
+        )
+    return value.detach().to(device=param.device)
+
+
+def _scalar_of(value):
+    if torch.is_tensor(value):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16 or value.dtype == torch.float16:
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# the lazily refreshed torch-side state
+# --------------------------------------------------------------------------------------------------
+
+
+class _LazyState(collections.defaultdict):
+    """``optimizer.state``: a defaultdict whose values are refreshed from the JAX state on read."""
+
+    def __init__(self, owner, data=()):
+        super().__init__(dict, data)
+        self._owner = weakref.ref(owner)
+
+    def _refresh(self):
+        owner = self._owner()
+        if owner is not None:
+            owner._refresh_state()
+
+    def get_raw(self, key, default=None):
+        return dict.get(self, key, default)
+
+    def __getitem__(self, key):
+        self._refresh()
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._refresh()
+        return super().get(key, default)
+
+    def items(self):
+        self._refresh()
+        return super().items()
+
+    def keys(self):
+        self._refresh()
+        return super().keys()
+
+    def values(self):
+        self._refresh()
+        return super().values()
+
+    def __iter__(self):
+        self._refresh()
+        return super().__iter__()
+
+    def __len__(self):
+        self._refresh()
+        return super().__len__()
+
+    def __contains__(self, key):
+        self._refresh()
+        return super().__contains__(key)
+
+    def __repr__(self):
+        self._refresh()
+        return dict.__repr__(self)
+
+    def __reduce__(self):
+        self._refresh()
+        return (collections.defaultdict, (dict,), None, None, iter(list(dict.items(self))))
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        self._refresh()
+        out = collections.defaultdict(dict)
+        for k, v in dict.items(self):
+            out[copy.deepcopy(k, memo)] = copy.deepcopy(v, memo)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the optimizer
+# --------------------------------------------------------------------------------------------------
+
+
+class _GroupRuntime:
+    def __init__(self, params, buffers):
+        self.param_ids = [id(p) for p in params]
+        self.buffers = buffers
+
+
+class JaxOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` running a :mod:`jaxopt_suite` registry entry in JAX.
+
+    Generic use: ``JaxOptimizer(model.parameters(), "adam", lr=1e-3, b1=0.9)`` (group keys are the
+    factory's argument names, with ``lr`` for ``learning_rate``). Torch-named subclasses (``Adam``...)
+    take torch's signatures. See the module docstring for the execution model and how to subclass.
+
+    Args:
+      params: iterable of tensors, dicts (param groups) or ``(name, tensor)`` pairs.
+      optimizer: registry entry name (subclasses set ``entry_name`` instead).
+      defaults: group defaults (subclasses); generic use passes keyword hyperparameters instead.
+      flat: use the flat zero-copy path where possible (``False`` forces the simple path).
+    """
+
+    entry_name: ClassVar[Optional[str]] = None
+    state_keys: ClassVar[Mapping[str, str]] = {}
+    presence_fields: ClassVar[tuple[str, ...]] = ()
+    group_state_keys: ClassVar[Mapping[str, str]] = {}
+    elementwise: ClassVar[bool] = False
+    group_flag_defaults: ClassVar[Mapping[str, Any]] = {}
+    scalar_state_keys: ClassVar[tuple[str, ...]] = ("step",)
+
+    def __init__(self, params, optimizer: Optional[str] = None, defaults: Optional[Mapping[str, Any]] = None,
+                 *, flat: bool = True, **hyperparams):
+        name = optimizer or self.entry_name
+        if name is None:
+            raise ValueError("JaxOptimizer needs a registry entry name, e.g. JaxOptimizer(params, 'adam')")
+        self._entry_name = name
+        self._generic = defaults is None
+        if defaults is None:
+            defaults = _generic_defaults(registry.get(name), hyperparams)
+        elif hyperparams:
+            raise TypeError(f"unexpected arguments {sorted(hyperparams)}")
+        self.flat = bool(flat)
+        self._init_runtime()
+        super().__init__(params, dict(defaults))
+        self.state = _LazyState(self, dict.items(self.state))
+
+    # ---- subclass hooks -----------------------------------------------------------------------
+    def _entry_for_group(self, group: Mapping[str, Any]):
+        """The registry name (or hashable factory callable, see :class:`StepSpec`) used for ``group``."""
+        return self._entry_name
+
+    def _hyperparams(self, group: Mapping[str, Any]) -> dict[str, float]:
+        """Traced numeric kwargs of the factory, read from the group at every step."""
+        entry = registry.get(self._entry_for_group(group))
+        out = {}
+        for name in entry.hyperparams:
+            key = "lr" if name == "learning_rate" else name
+            if key in group and group[key] is not None and not isinstance(group[key], bool):
+                out[name] = float(group[key])
+        return out
+
+    def _static_config(self, group: Mapping[str, Any]) -> dict[str, Hashable]:
+        """Static (structural) kwargs of the factory; a change rebuilds the compiled step."""
+        entry = registry.get(self._entry_for_group(group))
+        hyper = set(self._hyperparams(group))
+        params = inspect.signature(entry.factory).parameters
+        out = {}
+        for name in params:
+            key = "lr" if name == "learning_rate" else name
+            if name in hyper or name == "segments" or key not in group:
+                continue
+            out[name] = group[key]
+        return out
+
+    def _state_value_to_torch(self, key: str, value: np.ndarray, param: torch.Tensor):
+        """A per-parameter scalar state value in torch's format (``step`` is a 0-d float32 tensor)."""
+        value = np.asarray(value)
+        if key == "step":
+            return torch.tensor(float(value), dtype=torch.float32)
+        if value.dtype == np.bool_:
+            return bool(value)
+        if np.issubdtype(value.dtype, np.integer):
+            return int(value)
+        return torch.tensor(value.item(), dtype=torch.float64 if value.dtype == np.float64 else torch.float32)
+
+    # ---- field naming -------------------------------------------------------------------------
+    def _field_names(self, walked) -> dict:
+        names = {}
+        used = set()
+        for path, _, per_param in walked:
+            if not per_param:
+                continue
+            if self._is_presence(path):
+                names[path] = None
+                continue
+            key = None
+            for tkey, field in self.state_keys.items():
+                if tkey not in used and _field_matches(path, field):
+                    key = tkey
+                    break
+            if key is None:
+                key = _path_name(path)
+            used.add(key)
+            names[path] = key
+        return names
+
+    def _is_presence(self, path) -> bool:
+        return any(_field_matches(path, f) for f in self.presence_fields)
+
+    def _is_scalar_key(self, key: str) -> bool:
+        return key in self.scalar_state_keys
+
+    def _export_global(self, group, leaves):
+        extra = {}
+        for path, leaf in leaves:
+            key = next((k for k, f in self.group_state_keys.items() if _field_matches(path, f)), None)
+            host = np.asarray(leaf)
+            if key is not None:
+                group[key] = host.item() if host.ndim == 0 else torch.as_tensor(host.copy())
+            else:
+                extra[_path_name(path)] = torch.as_tensor(host.copy())
+        if extra:
+            group["jax_state"] = extra
+
+    def _import_global(self, group, leaves):
+        replacements = {}
+        extra = group.get("jax_state") or {}
+        for path, leaf in leaves:
+            key = next((k for k, f in self.group_state_keys.items() if _field_matches(path, f)), None)
+            if key is not None and key in group:
+                value = group[key]
+            elif _path_name(path) in extra:
+                value = extra[_path_name(path)]
+            else:
+                continue
+            replacements[path] = jnp.asarray(_scalar_of(value), dtype=leaf.dtype).reshape(leaf.shape)
+        return replacements
+
+    # ---- runtime (adoption of params into buffers) --------------------------------------------
+    def _init_runtime(self):
+        self._runtime: list[_GroupRuntime] = []
+        self._runtime_valid = True
+
+    def _adopt_group(self, group) -> _GroupRuntime:
+        params = list(group["params"])
+        for p in params:
+            dlpack.check_dtype(p)
+        _, supports_segments = entry_info(self._entry_for_group(group))
+        flat_ok = [self.flat and supports_segments and _flat_candidate(p) for p in params]
+        _exclude_overlaps(params, flat_ok)
+        buffers = []
+        if self.elementwise:
+            by_kind = collections.OrderedDict()
+            for p, ok in zip(params, flat_ok):
+                if ok:
+                    by_kind.setdefault((p.dtype, p.device), []).append(p)
+            for plist in by_kind.values():
+                buffers.append(_FlatBuffer(plist, elementwise=True))
+            rest = [p for p, ok in zip(params, flat_ok) if not ok]
+            if rest:
+                buffers.append(_SimpleBuffer(rest))
+        else:
+            kinds = {(p.dtype, p.device) for p in params}
+            if params and all(flat_ok) and len(kinds) == 1:
+                buffers.append(_FlatBuffer(params, elementwise=False))
+            elif params:
+                buffers.append(_SimpleBuffer(params))
+        for buf in buffers:
+            buf.stepped = np.array([bool(dict.get(self.state, p)) for p in buf.params], dtype=bool)
+        return _GroupRuntime(params, buffers)
+
+    def _ensure_runtime(self):
+        if self._runtime_valid and len(self._runtime) == len(self.param_groups):
+            ok = all(rt.param_ids == [id(p) for p in g["params"]] for rt, g in zip(self._runtime, self.param_groups))
+            if ok:
+                return
+        old = self._runtime
+        for rt in old:
+            for buf in rt.buffers:
+                buf.release()
+        self._runtime = [self._adopt_group(g) for g in self.param_groups]
+        self._runtime_valid = True
+
+    def _rebuild_group(self, index: int):
+        rt = self._runtime[index]
+        group = self.param_groups[index]
+        for buf in rt.buffers:
+            if buf.stale:
+                buf.export(self, group)
+            buf.release()
+        warnings.warn("torch_bridge: parameters changed storage, dtype or device after construction; "
+                      "re-adopting them (state is cast to the new dtype).", stacklevel=3)
+        for p, st in [(p, dict.get(self.state, p)) for p in group["params"]]:
+            if st:
+                dict.__setitem__(self.state, p, {
+                    k: (v.to(dtype=p.dtype, device=p.device) if torch.is_tensor(v) and k != "step" and v.dim() else v)
+                    for k, v in st.items()})
+        self._runtime[index] = self._adopt_group(group)
+
+    def _refresh_state(self):
+        if not getattr(self, "_runtime", None):
+            return
+        for rt, group in zip(self._runtime, self.param_groups):
+            for buf in rt.buffers:
+                if buf.stale:
+                    buf.export(self, group)
+
+    def bridge_nbytes(self) -> int:
+        """Bytes of the buffers the bridge owns (flat params and grads, scratch, JAX state)."""
+        return sum(buf.nbytes() for rt in self._runtime for buf in rt.buffers)
+
+    # ---- torch.optim API ----------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_runtime") and self._runtime_valid and len(self._runtime) == len(self.param_groups) - 1:
+            self._runtime.append(self._adopt_group(self.param_groups[-1]))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._ensure_runtime()
+        for rt in self._runtime:
+            for buf in rt.buffers:
+                buf.zero_grad(set_to_none)
+
+    def step(self, closure=None, *, value=None):
+        """One optimizer step; returns the closure's loss. ``value=`` passes the loss without a closure."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if value is None:
+            value = loss
+        self._ensure_runtime()
+        with torch.no_grad():
+            for index, (rt, group) in enumerate(zip(self._runtime, self.param_groups)):
+                entry_name = self._entry_for_group(group)
+                requires_value, _ = entry_info(entry_name)
+                hyper = self._hyperparams(group)
+                static = tuple(sorted(self._static_config(group).items()))
+                v = None
+                if requires_value:
+                    if value is None:
+                        raise RuntimeError(
+                            f"{type(self).__name__} needs the loss: call step(closure) or step(value=loss)")
+                    v = float(value)
+                try:
+                    for buf in rt.buffers:
+                        buf.sync_grads()
+                except _NeedsRebuild:
+                    self._rebuild_group(index)
+                    rt = self._runtime[index]
+                    for buf in rt.buffers:
+                        buf.sync_grads()
+                for buf in rt.buffers:
+                    buf.step(self, group, entry_name, static, hyper, v)
+        return loss
+
+    def state_dict(self):
+        self._refresh_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+
+    def __getstate__(self):
+        self._refresh_state()
+        out = super().__getstate__()
+        out["_entry_name"] = self._entry_name
+        out["flat"] = self.flat
+        out["_generic"] = getattr(self, "_generic", False)
+        for name in getattr(self, "_persistent_attrs", ()):
+            out[name] = getattr(self, name)
+        return out
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, default in self.group_flag_defaults.items():
+                group.setdefault(key, default)
+        raw = self.state
+        self.state = _LazyState(self, dict.items(raw) if isinstance(raw, dict) else raw)
+        for p_state in dict.values(self.state):
+            if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+        self.__dict__.setdefault("_entry_name", self.entry_name)
+        self.__dict__.setdefault("flat", True)
+        if "_runtime" not in self.__dict__:
+            # unpickled / deep-copied: the params are new objects, adopt them at the next use
+            self._init_runtime()
+            self._runtime_valid = False
+        else:
+            # load_state_dict: torch-side state is authoritative; JAX state rebuilt at the next step
+            # (copies: torch's load keeps e.g. the source's 'step' tensors, which their owner mutates)
+            for p_state in dict.values(self.state):
+                for key, value in list(p_state.items()):
+                    if torch.is_tensor(value):
+                        p_state[key] = value.detach().clone()
+            for rt in self._runtime:
+                for buf in rt.buffers:
+                    buf.state, buf.spec, buf.stale = None, None, False
+                    buf.stepped = np.array([bool(dict.get(self.state, p)) for p in buf.params], dtype=bool)
+
+
+def _generic_defaults(entry, hyperparams):
+    sig = inspect.signature(entry.factory)
+    defaults = {}
+    for name, par in sig.parameters.items():
+        if name == "segments" or par.kind in (par.VAR_POSITIONAL, par.VAR_KEYWORD):
+            continue
+        key = "lr" if name == "learning_rate" else name
+        if par.default is not inspect.Parameter.empty:
+            defaults[key] = par.default
+    for name, val in entry.kwargs.items():
+        defaults["lr" if name == "learning_rate" else name] = val
+    for name, val in hyperparams.items():
+        key = "lr" if name == "learning_rate" else name
+        if key not in defaults:
+            raise TypeError(f"{entry.name} has no argument {name!r}")
+        defaults[key] = val
+    return defaults
+
+
+def _flat_candidate(p: torch.Tensor) -> bool:
+    return (
+        p.layout == torch.strided
+        and p.is_contiguous()
+        and p._base is None
+        and p.numel() > 0
+        and not p.is_sparse
+    )
+
+
+def _exclude_overlaps(params, flat_ok):
+    """Params whose memory overlaps another param's (tied views) must keep their storage: simple path."""
+    spans = collections.defaultdict(list)
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        start = p.storage_offset()
+        end = start + (p.numel() if p.is_contiguous() else p.untyped_storage().nbytes() // p.element_size())
+        spans[p.untyped_storage().data_ptr()].append((start, end, i))
+    for group in spans.values():
+        group.sort()
+        for (s0, e0, i0), (s1, e1, i1) in zip(group, group[1:]):
+            if s1 < e0:
+                flat_ok[i0] = False
+                flat_ok[i1] = False
