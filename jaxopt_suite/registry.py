@@ -48,6 +48,8 @@ class OptimizerEntry:
       supports_complex: whether complex parameters are supported.
       supports_segments: the factory accepts ``segments=FlatLayout`` (flat bridge path).
       stochastic: the update uses randomness (a PRNG key in state).
+      supports_grad_mask: ``update`` honours the ``grad_mask`` extra arg (torch's skip of parameters without
+        a gradient): a False leaf gets an exactly zero update and bit-identical state.
       description: one line for tables.
     """
 
@@ -66,6 +68,7 @@ class OptimizerEntry:
     supports_complex: bool = True
     supports_segments: bool = True
     stochastic: bool = False
+    supports_grad_mask: bool = False
     description: str = ""
 
     def build(self, **overrides: Any):
@@ -117,6 +120,7 @@ register(OptimizerEntry(
     demo_kwargs={"learning_rate": 0.05, "momentum": 0.9},
     torch_class="SGD",
     torch_bridge_class="SGD",
+    supports_grad_mask=True,
     torch_state_keys=("momentum_buffer",),
     description="SGD with heavy-ball momentum (torch.optim.SGD)",
 ))
@@ -131,6 +135,7 @@ register(OptimizerEntry(
     demo_kwargs={"learning_rate": 1e-3},
     torch_class="Adam",
     torch_bridge_class="Adam",
+    supports_grad_mask=True,
     torch_state_keys=("step", "exp_avg", "exp_avg_sq"),
     description="Adam, coupled L2 (torch.optim.Adam)",
 ))
@@ -146,6 +151,7 @@ register(OptimizerEntry(
     demo_kwargs={"learning_rate": 1e-3},
     torch_class="AdamW",
     torch_bridge_class="AdamW",
+    supports_grad_mask=True,
     torch_state_keys=("step", "exp_avg", "exp_avg_sq"),
     description="AdamW, decoupled decay (torch.optim.AdamW)",
 ))

@@ -1,0 +1,327 @@
+"""Parity cases, the runner that drives them, and case discovery.
+
+A :class:`ParityCase` names one of our registry entries (with kwargs), one reference, a problem, a dtype,
+a number of steps and a tolerance. :func:`run_case` builds both sides on the problem's initial params and
+steps them in lockstep; at every step each side computes its own gradient from its own params (numpy
+float64 for ``quad``/``rosenbrock``, its framework's autograd for the MLPs). After every step the
+observed quantities (params, plus extras such as averaged weights) are compared:
+
+* ``max_abs`` = max over steps, leaves and elements of ``|ours − reference|``;
+* ``max_rel`` = max over steps and leaves of ``max|ours − reference| / max|reference|``.
+
+A case passes when ``max_abs <= atol`` and ``max_rel <= rtol`` (a ``None`` tolerance is not checked).
+An optional known-wrong variant (``wrong``) must be more than ``wrong_factor`` × ``atol`` (or × ``rtol``
+when there is no ``atol``) away from ours: that shows the comparison can fail.
+
+Cases live in per-family modules ``parity/cases_<family>.py``, each exposing ``CASES`` (a list) or
+``cases()``; :func:`discover` imports them all. float64 cases run inside ``jax.enable_x64(True)``, so
+float32 and float64 cases share one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import time
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from . import problems as P
+from .references import Reference, suite
+
+_TINY = 1e-30
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityCase:
+    """One row of the parity table.
+
+    Attributes:
+      name: unique case name (``"sgd_dampening_quad_f64"``...).
+      entry: our registry entry name.
+      kwargs: kwargs for the entry (a mapping, or a callable returning one, evaluated at run time).
+      reference: the reference to compare with.
+      problem: problem name (:mod:`parity.problems`).
+      dtype: ``"float32"`` or ``"float64"``.
+      steps: number of optimizer steps.
+      atol: tolerance on ``max_abs``; rtol: tolerance on ``max_rel``.
+      wrong: a known-wrong variant that must be far from ours (sensitivity), or ``None``.
+      wrong_factor: how far (in multiples of the tolerance) ``wrong`` must be.
+      extras: ``(state, params) -> {what: {param: array}}`` state quantities of ours to compare with the
+        reference's ``"<what>:<param>"`` observations (e.g. ASGD's ``ax``).
+      none_grads: ``{step: (param names,)}`` — those params get a ``None`` gradient at that (0-based) step.
+      check: optional ``(result) -> None`` raising ``AssertionError`` for case-specific properties (e.g.
+        "clipping fired"); it sees the full trajectories.
+      requires: extra registry entries the case needs (besides ``entry``).
+      known_issue: non-empty when the case is known to fail (the text says why); it is then reported as
+        ``XFAIL``, and as ``XPASS`` (an error) once it passes, so the marker gets removed.
+      family: the case module's family (filled in by discovery).
+      note: one line shown with ``--list``.
+    """
+
+    name: str
+    entry: str
+    kwargs: Any
+    reference: Reference
+    problem: str
+    dtype: str
+    steps: int = 100
+    atol: Optional[float] = None
+    rtol: Optional[float] = None
+    wrong: Optional[Reference] = None
+    wrong_factor: float = 10.0
+    extras: Optional[Callable[[Any, Any], Mapping[str, Mapping[str, Any]]]] = None
+    none_grads: Mapping[int, tuple[str, ...]] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    check: Optional[Callable[["ParityResult"], None]] = None
+    requires: tuple[str, ...] = ()
+    known_issue: str = ""
+    family: str = ""
+    note: str = ""
+
+    def __post_init__(self):
+        if self.atol is None and self.rtol is None:
+            raise ValueError(f"case {self.name!r}: give atol and/or rtol")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"case {self.name!r}: dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        P.get(self.problem)  # unknown problems fail at declaration
+
+    @property
+    def ours(self) -> Reference:
+        return suite(self.entry, self.kwargs, extras=self.extras)
+
+    def missing(self) -> Optional[str]:
+        """Why the case cannot run here (a registry entry is not registered), or ``None``."""
+        from jaxopt_suite import registry
+
+        absent = [n for n in (self.entry, *self.requires) if n not in registry.names()]
+        if absent:
+            return f"registry entry {', '.join(map(repr, absent))} not registered"
+        return None
+
+    def tolerance_str(self) -> str:
+        parts = []
+        if self.atol is not None:
+            parts.append(f"abs {self.atol:.0e}")
+        if self.rtol is not None:
+            parts.append(f"rel {self.rtol:.0e}")
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass
+class ParityResult:
+    """The outcome of :func:`run_case`.
+
+    ``status`` is ``"PASS"``, ``"FAIL"`` (a tolerance or the sensitivity exceeded, or ``check`` failed),
+    ``"SKIP"`` (the case cannot run here; ``reason`` says why), ``"ERROR"`` (an exception; ``reason``),
+    or for cases with a ``known_issue`` ``"XFAIL"`` (fails as documented) / ``"XPASS"`` (passes: remove the
+    marker).
+    ``ours``/``ref``/``wrong_traj`` hold the observations after every step (index 0 = initial).
+    """
+
+    case: ParityCase
+    status: str = "SKIP"
+    reason: str = ""
+    max_abs: float = float("nan")
+    max_rel: float = float("nan")
+    wrong_abs: Optional[float] = None
+    wrong_rel: Optional[float] = None
+    seconds: float = 0.0
+    ours: list = dataclasses.field(default_factory=list)
+    ref: list = dataclasses.field(default_factory=list)
+    wrong_traj: list = dataclasses.field(default_factory=list)
+    ours_side: Any = None
+    ref_side: Any = None
+    error: Optional[BaseException] = None
+
+    @property
+    def within_tolerance(self) -> bool:
+        c = self.case
+        return bool((c.atol is None or self.max_abs <= c.atol) and (c.rtol is None or self.max_rel <= c.rtol))
+
+    @property
+    def sensitivity_ok(self) -> Optional[bool]:
+        """Whether the known-wrong variant is far enough away (None without one)."""
+        c = self.case
+        if c.wrong is None or self.wrong_abs is None:
+            return None
+        if c.atol is not None:
+            return bool(self.wrong_abs > c.wrong_factor * c.atol)
+        return bool(self.wrong_rel > c.wrong_factor * c.rtol)
+
+
+def compare(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> tuple[float, float]:
+    """``(max_abs, max_rel)`` between two observations over the keys they share.
+
+    The keys must include every param (a reference that lacks an extra is simply not compared on it).
+    """
+    keys = [k for k in ref if k in ours]
+    if not keys:
+        raise ValueError("nothing to compare")
+    max_abs = max_rel = 0.0
+    for k in keys:
+        a = np.asarray(ours[k], np.float64)
+        b = np.asarray(ref[k], np.float64)
+        if a.shape != b.shape:
+            raise ValueError(f"shape mismatch on {k!r}: {a.shape} vs {b.shape}")
+        d = float(np.max(np.abs(a - b))) if a.size else 0.0
+        if not np.isfinite(d):
+            d = float("inf")
+        scale = float(np.max(np.abs(b))) if b.size else 0.0
+        max_abs = max(max_abs, d)
+        max_rel = max(max_rel, d / max(scale, _TINY))
+    return max_abs, max_rel
+
+
+def _x64(dtype: str):
+    import jax
+
+    return jax.enable_x64(dtype == "float64")
+
+
+def drive(reference: Reference, problem: str, dtype: str, steps: int,
+          none_grads: Mapping[int, Sequence[str]] = MappingProxyType({})):
+    """Step ``reference`` on ``problem`` for ``steps`` steps (inside the dtype's x64 context).
+
+    Returns ``(side, observations)``: the live side and its observations (index 0 = initial values, then
+    one per step). The gradient at each step comes from the side's own params; params named in
+    ``none_grads[step]`` get a ``None`` gradient.
+    """
+    prob = P.get(problem)
+    with _x64(dtype):
+        side = reference.make(prob.params("numpy", "float64"), dtype)
+        traj = [side.observe()]
+        for step in range(steps):
+            value, grads = prob.value_and_grad(side.framework, side.params(), step, dtype)
+            skipped = set(none_grads.get(step, ()))
+            if skipped:
+                grads = {k: (None if k in skipped else g) for k, g in grads.items()}
+            side.step(grads, value=value)
+            traj.append(side.observe())
+    return side, traj
+
+
+def max_diff(ours: Sequence[Mapping[str, np.ndarray]], ref: Sequence[Mapping[str, np.ndarray]]):
+    """``(max_abs, max_rel)`` over two trajectories (see :func:`compare`)."""
+    if len(ours) != len(ref):
+        raise ValueError(f"trajectories of different lengths: {len(ours)} vs {len(ref)}")
+    pairs = [compare(a, b) for a, b in zip(ours, ref)]
+    return max(p[0] for p in pairs), max(p[1] for p in pairs)
+
+
+class _OursCache:
+    """Our side's trajectory for one (entry, kwargs, problem, dtype, steps, none_grads, extras) is computed
+    once per :func:`run_all` and shared by the cases that compare it with different references."""
+
+    def __init__(self):
+        self._store: dict = {}
+
+    def get(self, case: ParityCase):
+        kwargs_key = id(case.kwargs) if callable(case.kwargs) else repr(sorted(dict(case.kwargs).items()))
+        key = (case.entry, kwargs_key, case.problem, case.dtype, case.steps,
+               tuple(sorted((k, tuple(v)) for k, v in case.none_grads.items())), id(case.extras))
+        if key not in self._store:
+            self._store[key] = drive(case.ours, case.problem, case.dtype, case.steps, case.none_grads)
+        return self._store[key]
+
+
+def run_case(case: ParityCase, *, cache: Optional[_OursCache] = None) -> ParityResult:
+    """Drive our side, the reference and the known-wrong variant on the case's problem and compare."""
+    result = ParityResult(case=case)
+    reason = case.missing()
+    if reason is not None:
+        result.reason = reason
+        return result
+    t0 = time.perf_counter()
+    try:
+        ours_side, ours = (cache or _OursCache()).get(case)
+        ref_side, ref = drive(case.reference, case.problem, case.dtype, case.steps, case.none_grads)
+        result.max_abs, result.max_rel = max_diff(ours, ref)
+        if case.wrong is not None:
+            _, result.wrong_traj = drive(case.wrong, case.problem, case.dtype, case.steps, case.none_grads)
+            result.wrong_abs, result.wrong_rel = max_diff(ours, result.wrong_traj)
+    except ModuleNotFoundError as exc:  # an optional reference package is not installed
+        result.status, result.reason = "SKIP", f"missing module: {exc.name}"
+        return result
+    except Exception as exc:  # noqa: BLE001 - reported as a row; the tests re-raise it
+        result.status, result.reason = "ERROR", f"{type(exc).__name__}: {exc}"
+        result.error = exc
+        result.seconds = time.perf_counter() - t0
+        return result
+    result.seconds = time.perf_counter() - t0
+    result.ours, result.ref = ours, ref
+    result.ours_side, result.ref_side = ours_side, ref_side
+    failures = []
+    if not result.within_tolerance:
+        failures.append(f"exceeds {case.tolerance_str()}")
+    if result.sensitivity_ok is False:
+        failures.append(f"known-wrong variant only {result.wrong_abs:.2e} away (< {case.wrong_factor:g}x tol)")
+    if case.check is not None:
+        try:
+            case.check(result)
+        except AssertionError as exc:
+            failures.append(f"check failed: {exc}")
+    if case.known_issue:
+        result.status = "XFAIL" if failures else "XPASS"
+        result.reason = ("; ".join(failures) + f" (known issue: {case.known_issue})") if failures else (
+            f"passes although marked as a known issue: {case.known_issue}")
+    else:
+        result.status = "FAIL" if failures else "PASS"
+        result.reason = "; ".join(failures)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# discovery
+# --------------------------------------------------------------------------------------------------
+
+
+def case_modules() -> list[str]:
+    """Names of the ``parity.cases_<family>`` modules, sorted."""
+    import parity
+
+    return sorted(
+        f"parity.{m.name}" for m in pkgutil.iter_modules(parity.__path__) if m.name.startswith("cases_")
+    )
+
+
+def discover(keyword: Optional[str] = None) -> list[ParityCase]:
+    """Every case of every ``parity/cases_<family>.py`` (optionally only names containing ``keyword``).
+
+    A module exposes ``CASES`` (list) and/or ``cases()`` (returning a list). Names must be unique.
+    """
+    found: list[ParityCase] = []
+    seen: dict[str, str] = {}
+    for module_name in case_modules():
+        module = importlib.import_module(module_name)
+        family = module_name.split(".cases_", 1)[1]
+        cases = list(getattr(module, "CASES", []))
+        if hasattr(module, "cases"):
+            cases += list(module.cases())
+        for case in cases:
+            if not isinstance(case, ParityCase):
+                raise TypeError(f"{module_name}: {case!r} is not a ParityCase")
+            if case.name in seen:
+                raise ValueError(f"duplicate parity case {case.name!r} in {module_name} and {seen[case.name]}")
+            seen[case.name] = module_name
+            found.append(dataclasses.replace(case, family=case.family or family))
+    if keyword:
+        found = [c for c in found if keyword in c.name or keyword in c.entry or keyword in c.reference.name]
+    return found
+
+
+def run_all(cases: Sequence[ParityCase], *, on_result: Optional[Callable[[ParityResult], None]] = None):
+    """Run ``cases`` in order, sharing our side's trajectories between cases (trajectories and live sides
+    are dropped from the returned results)."""
+    results = []
+    cache = _OursCache()
+    for case in cases:
+        res = run_case(case, cache=cache)
+        res.ours_side = res.ref_side = None
+        res.ours, res.ref, res.wrong_traj = [], [], []
+        if on_result is not None:
+            on_result(res)
+        results.append(res)
+    return results

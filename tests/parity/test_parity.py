@@ -1,0 +1,68 @@
+"""Every discovered parity case (``parity/cases_<family>.py``) through the same runner as ``python -m parity``.
+
+``test_parity`` asserts the tolerance and the case's own checks; ``test_sensitivity`` asserts that the
+case's known-wrong variant is far away (so the comparison can fail). Cases whose registry entry is not
+registered are skipped with the reason; cases marked with a known issue are strict xfails.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from parity.runner import ParityResult, _OursCache, discover, run_case
+
+CASES = discover()
+_CACHE = _OursCache()
+_RESULTS: dict[str, ParityResult] = {}
+
+
+def _marks(case):
+    marks = []
+    if case.known_issue:
+        marks.append(pytest.mark.xfail(reason=case.known_issue, strict=True))
+    return marks
+
+
+def _result(case) -> ParityResult:
+    reason = case.missing()
+    if reason:
+        pytest.skip(reason)
+    if case.name not in _RESULTS:
+        _RESULTS[case.name] = run_case(case, cache=_CACHE)
+    res = _RESULTS[case.name]
+    if res.status == "SKIP":
+        pytest.skip(res.reason)
+    if res.error is not None:
+        raise res.error
+    return res
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=_marks(c)) for c in CASES])
+def test_parity(case):
+    res = _result(case)
+    assert res.within_tolerance, (
+        f"{case.name}: max |Δ| {res.max_abs:.3e}, max rel {res.max_rel:.3e} vs {case.tolerance_str()} "
+        f"against {case.reference.describe()}"
+    )
+    if case.check is not None:
+        case.check(res)
+
+
+SENSITIVE = [c for c in CASES if c.wrong is not None]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in SENSITIVE])
+def test_sensitivity(case):
+    res = _result(case)
+    tol = case.atol if case.atol is not None else case.rtol
+    dist = res.wrong_abs if case.atol is not None else res.wrong_rel
+    assert dist > case.wrong_factor * tol, (
+        f"{case.name}: the known-wrong variant {case.wrong.name} is only {dist:.3e} away "
+        f"(needs > {case.wrong_factor:g} x {tol:.0e})"
+    )
+
+
+def test_cases_discovered():
+    assert CASES, "no parity case discovered"
+    assert len({c.name for c in CASES}) == len(CASES)
+    assert {c.family for c in CASES} >= {"torch"}
