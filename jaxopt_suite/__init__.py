@@ -9,6 +9,7 @@ from ._common import FlatLayout, get_hyperparams, zero_masked
 from .adam import AdamState, adam, adamw, scale_by_adam
 from .adopt import ADOPTState, adopt, default_clip_value, scale_by_adopt
 from .asgd import ASGDState, asgd, asgd_averaged_params, scale_by_asgd
+from .enhanced_sgd import EnhancedSGDState, enhanced_sgd, scale_by_enhanced_sgd
 from .lookahead import LookaheadState, lookahead, lookahead_adam, lookahead_sgd, lookahead_slow_params
 from .sgd import SGDState, scale_by_sgd_momentum, sgd
 from . import registry
@@ -29,6 +30,9 @@ __all__ = [
     "asgd",
     "asgd_averaged_params",
     "scale_by_asgd",
+    "EnhancedSGDState",
+    "enhanced_sgd",
+    "scale_by_enhanced_sgd",
     "LookaheadState",
     "lookahead",
     "lookahead_adam",

@@ -8,9 +8,10 @@ to write a new class.
 from .adam import Adam, AdamW
 from .adopt import ADOPT
 from .asgd import ASGD
+from .enhanced_sgd import EnhancedSGD
 from .lookahead import Lookahead, TorchLookahead
 from .optimizer import JaxOptimizer, compiled_step_cache_size
 from .sgd import SGD
 
-__all__ = ["JaxOptimizer", "SGD", "Adam", "AdamW", "ADOPT", "ASGD", "Lookahead", "TorchLookahead",
+__all__ = ["JaxOptimizer", "SGD", "Adam", "AdamW", "ADOPT", "ASGD", "EnhancedSGD", "Lookahead", "TorchLookahead",
            "compiled_step_cache_size"]
