@@ -694,3 +694,80 @@ def test_stability_readme_problem_5_seeds_inner():
 def test_stability_readme_problem_20_seeds_defaults():
     final = _check_stability(20, lambda: enhanced_sgd())
     assert final.shape == (20,)
+
+
+# --------------------------------------------------------------------------------------------------
+# parity anchor with the reference implementation (github.com/waefrebeorn/EnhancedSGD @ 75e9fad)
+# --------------------------------------------------------------------------------------------------
+
+REFERENCE_ENV = "ENHANCEDSGD_REFERENCE"
+
+
+def _load_reference():
+    """The reference ``EnhancedSGD.py`` from the path in ``$ENHANCEDSGD_REFERENCE`` (skip when unset)."""
+    import importlib.util
+    import logging
+    import os
+
+    path = os.environ.get(REFERENCE_ENV)
+    if not path:
+        pytest.skip(f"set {REFERENCE_ENV} to the path of the reference EnhancedSGD.py "
+                    "(github.com/waefrebeorn/EnhancedSGD, commit 75e9fad; not on PyPI)")
+    pytest.importorskip("scipy")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    spec = importlib.util.spec_from_file_location("enhancedsgd_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # it configures logging at import: undo that
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    return module
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 100.0])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_parity_anchor_with_the_reference_implementation(precision, loss_scale):
+    """No loss, noise/retention/lookahead off, centering 'all': equal to the reference's ``step()``.
+
+    The reference's lookahead and buffer are dead code and its loss-free step is exactly the gradient path,
+    so both see the same gradients (taken at the reference's parameters) for 200 steps.
+    """
+    torch = pytest.importorskip("torch")
+    module = _load_reference()
+    lr = 0.01 if loss_scale == 1.0 else 0.001
+    tdtype = torch.float64 if precision == "float64" else torch.float32
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 50), torch.nn.ReLU(), torch.nn.Linear(50, 2)).to(tdtype)
+    _, x, y = readme_problem(0, out=2)
+    x, y = torch.as_tensor(np.asarray(x)).to(tdtype), torch.as_tensor(np.asarray(y)).to(tdtype)
+    reference = module.EnhancedSGD(model.parameters(), lr=lr, momentum=0.9, smoothing_factor=0.1, apply_noise=False,
+                                   gradient_centering=True, gradient_clipping=True)
+    ctx = jax.enable_x64(True) if precision == "float64" else contextlib.nullcontext()
+    with ctx:
+        tx = scale_by_enhanced_sgd(lr, 0.9, 0.1, apply_noise=False, gradient_retention=False,
+                                   gradient_centering="all", gradient_clipping=True)
+
+        @jax.jit
+        def update(g, s, p):
+            u, s = tx.update(g, s)
+            return optax.apply_updates(p, u), s
+
+        params = [jnp.asarray(p.detach().numpy()) for p in model.parameters()]
+        state = tx.init(params)
+        err = scale = 0.0
+        for i in range(200):
+            start = (i * 64) % 1024
+            reference.zero_grad()
+            loss = loss_scale * torch.nn.functional.mse_loss(model(x[start:start + 64]), y[start:start + 64])
+            loss.backward()
+            params, state = update([jnp.asarray(p.grad.numpy()) for p in model.parameters()], state, params)
+            reference.step()
+            for p, q in zip(model.parameters(), params):
+                err = max(err, float(np.max(np.abs(p.detach().numpy() - np.asarray(q)))))
+                scale = max(scale, float(np.max(np.abs(p.detach().numpy()))))
+        engaged = float(reference.grad_var)
+    tol = 1e-6 if precision == "float32" else 1e-10
+    assert err / scale <= tol, err / scale
+    assert engaged > 0
