@@ -49,6 +49,8 @@ _STATIC = ("lookahead_k", "apply_noise", "adaptive_momentum", "gradient_centerin
            "momentum_scale_bounds", "max_momentum", "spike_recovery_steps", "entropy_bins", "bayesian_init",
            "bayesian_prior_std", "seed")
 _IGNORED = ("decay", "usage_case", "max_steps")
+# static options that only ``init`` reads: the compiled update does not depend on them
+_INIT_ONLY = ("bayesian_init", "bayesian_prior_std", "seed")
 _PER_PARAM_FIELDS = ("momentum_buffer", "retained")
 
 
@@ -177,8 +179,11 @@ class EnhancedSGD(JaxOptimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _static(self) -> tuple:
-        return tuple((k, _hashable(self.defaults[k])) for k in _STATIC)
+    def _static(self, *, for_update: bool = False) -> tuple:
+        """Static options; for the compiled update, init-only ones are fixed so that seeds share it."""
+        defaults = {"bayesian_init": False, "bayesian_prior_std": 0.05, "seed": 0}
+        return tuple((k, defaults[k] if for_update and k in _INIT_ONLY else _hashable(self.defaults[k]))
+                     for k in _STATIC)
 
     def _traced(self):
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 with x64 (like Python floats)
@@ -295,7 +300,7 @@ class EnhancedSGD(JaxOptimizer):
             lrs, moms, scalars = self._traced()
             v = None if value is None else self._loss_to_jax(value)
             new_params, self._jstate = _step(state, params_j, grads_j, mask, lrs, moms, scalars, v,
-                                             static=self._static())
+                                             static=self._static(for_update=True))
             for p, new in zip(params, new_params):
                 p.copy_(dlpack.to_torch(new))
         self._stale = True

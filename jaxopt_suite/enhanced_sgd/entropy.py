@@ -32,18 +32,63 @@ def controller_dtype() -> Any:
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
+def explicit_spec(x: Any = None):
+    """Under a mesh with explicit axes: ``x``'s PartitionSpec (replicated ``P()`` when ``x`` is None).
+
+    ``None`` outside such a mesh. Scatters into small replicated arrays and index arrays built to match a
+    sharded gradient need it there (JAX cannot infer those shardings without collectives).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return None
+    if x is None:
+        return jax.sharding.PartitionSpec()
+    return jax.typeof(x).sharding.spec
+
+
 def _leaf_masks(leaves: Sequence[jax.Array], leaf_mask: Optional[Sequence[Any]]):
     if leaf_mask is None:
         return [None] * len(leaves)
     return [None if m is None else jnp.asarray(m, bool) for m in leaf_mask]
 
 
-def value_range(leaves: Sequence[jax.Array], leaf_mask: Optional[Sequence[Any]] = None):
+def leaf_summary(g: jax.Array):
+    """``(sum, min, max, all_finite)`` of one leaf in a single pass over its elements.
+
+    One variadic reduction over the float values and their integer bit patterns: ``b ^ ((b >> w−1) & max)``
+    orders finite floats like the floats themselves (so integer min/max give the float min/max without
+    NaN-propagating float comparisons), and ``max(b & max) < bits(+inf)`` says that every element is finite.
+    The sum is in at least float32; min and max are exact values of ``g`` (meaningless when not finite).
+    """
+    work = jnp.promote_types(g.dtype, jnp.float32)
+    itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(g.dtype).itemsize]
+    info = jnp.iinfo(itype)
+    bits = jax.lax.bitcast_convert_type(g, itype)
+    key = bits ^ ((bits >> (info.bits - 1)) & info.max)
+    magnitude = bits & info.max
+
+    def combine(x, y):
+        return x[0] + y[0], jnp.minimum(x[1], y[1]), jnp.maximum(x[2], y[2]), jnp.maximum(x[3], y[3])
+
+    init = (jnp.zeros((), work), jnp.asarray(info.max, itype), jnp.asarray(info.min, itype), jnp.zeros((), itype))
+    total, kmin, kmax, mag = jax.lax.reduce((g.astype(work), key, key, magnitude), init, combine,
+                                            tuple(range(g.ndim)))
+
+    def from_key(k):
+        return jax.lax.bitcast_convert_type(k ^ ((k >> (info.bits - 1)) & info.max), g.dtype)
+
+    inf_bits = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, g.dtype), itype)
+    return total, from_key(kmin), from_key(kmax), mag < inf_bits
+
+
+def value_range(leaves: Sequence[jax.Array], leaf_mask: Optional[Sequence[Any]] = None, summaries=None):
     """``(lo, hi)`` in float32 over the elements of ``leaves`` (masked-out leaves excluded)."""
     los, his = [], []
-    for g, m in zip(leaves, _leaf_masks(leaves, leaf_mask)):
-        lo = jnp.min(g).astype(jnp.float32)
-        hi = jnp.max(g).astype(jnp.float32)
+    if summaries is None:
+        summaries = [leaf_summary(g) for g in leaves]
+    for (_, lo, hi, _), m in zip(summaries, _leaf_masks(leaves, leaf_mask)):
+        lo = lo.astype(jnp.float32)
+        hi = hi.astype(jnp.float32)
         if m is not None:
             lo = jnp.where(m, lo, jnp.inf)
             hi = jnp.where(m, hi, -jnp.inf)
@@ -71,7 +116,9 @@ def histogram_counts(
         u = (g.astype(jnp.float32).ravel() - lo) * factor
         idx = jnp.clip(jnp.floor(u), 0, bins - 1).astype(jnp.int32)
         ones = jnp.ones((), jnp.int32) if m is None else m.astype(jnp.int32)
-        counts = counts.at[idx].add(jnp.broadcast_to(ones, idx.shape), mode="promise_in_bounds")
+        spec = explicit_spec()
+        extra = {} if spec is None else {"out_sharding": spec}
+        counts = counts.at[idx].add(jnp.broadcast_to(ones, idx.shape), mode="promise_in_bounds", **extra)
     return counts
 
 

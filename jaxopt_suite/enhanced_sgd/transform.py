@@ -123,20 +123,40 @@ def _mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def gaussian_noise(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+def _zeros_like(x: jax.Array) -> jax.Array:
+    """Zeros shaped, typed and (under an explicit mesh) sharded like ``x``."""
+    if E.explicit_spec(x) is None:
+        return jnp.zeros_like(x)
+    return jax.lax.full_like(x, 0, sharding=jax.typeof(x).sharding)
+
+
+def _flat_index(shape: Sequence[int], like: Optional[jax.Array]) -> jax.Array:
+    """uint32 row-major element index of an array of ``shape`` (sharded like ``like`` under an explicit mesh)."""
+    spec = None if like is None else E.explicit_spec(like)
+    extra = {} if spec is None else {"out_sharding": spec}
+    index = jnp.zeros(tuple(shape), jnp.uint32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), dim, **extra) * jnp.uint32(stride)
+        stride *= shape[dim]
+    return index
+
+
+def gaussian_noise(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32, *,
+                   like: Optional[jax.Array] = None) -> jax.Array:
     """Standard normal samples from a raw uint32 key, cheaper than ``jax.random.normal`` on CPU.
 
     Element ``i`` gets ``h = mix(mix(i + k0) ^ k1)`` (two rounds of a bijective 32-bit hash keyed by the
     two key words), a uniform ``u = ((h >> 8) + ½)·2⁻²³ − 1 ∈ (−1, 1)`` on a 2²⁴-point grid and
     ``ξ = √2·erfinv(u)``, the exact inverse normal CDF of that uniform (so |ξ| ≤ 5.6). Computed in float32
-    and cast to ``dtype``. The key must be a legacy raw key (``uint32[2]``).
+    and cast to ``dtype``. The key must be a legacy raw key (``uint32[2]``). ``like``: an array whose
+    sharding the samples follow (the values do not depend on the sharding).
     """
     key = jnp.asarray(key)
-    size = int(math.prod(shape))
-    index = jax.lax.iota(jnp.uint32, size)
+    index = _flat_index(tuple(shape), like) if shape else jnp.zeros((), jnp.uint32)
     bits = _mix32(_mix32(index + key[0]) ^ key[1])
     u = ((bits >> 8).astype(jnp.float32) + 0.5) * np.float32(2.0**-23) - 1.0
-    return (np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(u)).reshape(shape).astype(dtype)
+    return (np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(u)).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,7 +412,8 @@ def scale_by_enhanced_sgd(
 
     def init_fn(params):
         D = E.controller_dtype()
-        zero = jnp.zeros((), D)
+        # every field gets its own buffer, so that the state can be donated
+        zero = lambda: jnp.zeros((), D)  # noqa: E731
         lr_scale = jnp.ones((), D)
         momentum_scale = jnp.ones((), D)
         if bayesian_init:
@@ -407,15 +428,15 @@ def scale_by_enhanced_sgd(
             momentum_buffer=jax.tree.map(jnp.zeros_like, params),
             retained=jax.tree.map(jnp.zeros_like, params) if gradient_retention else None,
             retained_count=jnp.zeros((), jnp.int32),
-            grad_var=zero, prev_grad_var=zero, entropy_mean=zero,
+            grad_var=zero(), prev_grad_var=zero(), entropy_mean=zero(),
             loss_history=jnp.zeros((LOSS_WINDOW,), D), loss_count=jnp.zeros((), jnp.int32),
-            spike_level=zero, lr_scale=lr_scale, momentum_scale=momentum_scale,
+            spike_level=zero(), lr_scale=lr_scale, momentum_scale=momentum_scale,
             q_table=jnp.zeros((Q.NUM_STATES, Q.NUM_ACTIONS), D),
-            epsilon=jnp.asarray(q_epsilon).astype(D), mix_prob=mix, initial_mix_prob=mix,
+            epsilon=jnp.asarray(q_epsilon).astype(D), mix_prob=mix, initial_mix_prob=jnp.array(mix, copy=True),
             mix_prev_loss=jnp.full((), jnp.nan, D),
             prev_state=jnp.zeros((), jnp.int32), prev_action=jnp.zeros((), jnp.int32),
-            has_prev=jnp.zeros((), bool), prev_loss=zero, prev_entropy=zero,
-            last_lr=zero, last_momentum=zero, last_entropy=zero,
+            has_prev=jnp.zeros((), bool), prev_loss=zero(), prev_entropy=zero(),
+            last_lr=zero(), last_momentum=zero(), last_entropy=zero(),
             last_spike=jnp.zeros((), bool), skipped=jnp.zeros((), jnp.int32),
         )
 
@@ -455,12 +476,11 @@ def scale_by_enhanced_sgd(
         D = state.grad_var.dtype
         f = None if value is None else jnp.asarray(value).astype(D)
 
-        # Pass 1 over the gradients: sums, finiteness and range (one fused reduction per leaf).
+        # Pass 1 over the gradients: sums, finiteness and range (one variadic reduction per leaf).
+        summaries = [E.leaf_summary(g) for g in leaves]
         sums, finite = [], jnp.ones((), bool)
         count_n = jnp.zeros((), D)
-        for g, m in zip(leaves, masks):
-            s = jnp.sum(g.astype(_work_dtype(g.dtype)))
-            ok = jnp.all(jnp.isfinite(g))
+        for g, m, (s, _, _, ok) in zip(leaves, masks, summaries):
             if m is not None:
                 s = jnp.where(m, s, 0)
                 ok = jnp.where(m, ok, True)
@@ -491,7 +511,7 @@ def scale_by_enhanced_sgd(
                            state.prev_grad_var * STABILIZER + (1.0 - STABILIZER) * gv, gv)
             clip = jnp.minimum(jnp.maximum(2 * jnp.sqrt(gv), CLIP_MIN), CLIP_MAX)
 
-            lo, hi = E.value_range(leaves, masks)
+            lo, hi = E.value_range(leaves, masks, summaries)
             counts = E.histogram_counts(leaves, entropy_bins, lo, hi, masks)
             _, hn = E.entropy_from_counts(counts, total, D)
             hn = jnp.where(hi > lo, hn, 0).astype(D)
@@ -531,7 +551,7 @@ def scale_by_enhanced_sgd(
                     c = clip.astype(wd)
                     x = jnp.where(gv > 0, jnp.clip(x, -c, c), x)
                 if apply_noise:
-                    x = x + jnp.asarray(noise_scale).astype(wd) * gaussian_noise(leaf_keys[i], g.shape, wd)
+                    x = x + jnp.asarray(noise_scale).astype(wd) * gaussian_noise(leaf_keys[i], g.shape, wd, like=g)
                 if gradient_retention:
                     blend = (1 - w.astype(wd)) * x + w.astype(wd) * (r.astype(wd) * inverse_bc.astype(wd))
                     x_hat = jnp.where(n_ret > 0, blend, x)
@@ -558,10 +578,13 @@ def scale_by_enhanced_sgd(
             return treedef.unflatten(outs), new_state
 
         def skip(state: EnhancedSGDState):
-            zeros = treedef.unflatten([jnp.zeros_like(g) for g in leaves])
+            zeros = treedef.unflatten([_zeros_like(g) for g in leaves])
             return zeros, state._replace(skipped=C.safe_increment(state.skipped))
 
-        return jax.lax.cond(finite, step, skip, state)
+        # A select rather than lax.cond: under jit a conditional copies every state buffer it passes
+        # through, which costs more than computing the step and discarding it on the rare skipped step.
+        stepped, skipped = step(state), skip(state)
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), stepped, skipped)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -686,10 +686,12 @@ def _check_stability(num_seeds, factory):
     return final
 
 
-def test_stability_readme_problem_5_seeds_inner():
-    _check_stability(5, lambda: scale_by_enhanced_sgd())
+@needs_lookahead
+def test_stability_readme_problem_5_seeds_defaults():
+    _check_stability(5, lambda: enhanced_sgd())
 
 
+@pytest.mark.slow
 @needs_lookahead
 def test_stability_readme_problem_20_seeds_defaults():
     final = _check_stability(20, lambda: enhanced_sgd())
