@@ -52,7 +52,7 @@ def run_torch(model, opt, x, y, steps, *, mode="closure"):
         else:
             loss = closure()
             opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -148,8 +148,8 @@ def test_param_groups_have_their_own_lr_and_momentum():
     x, y = readme_data(5)
     opt = EnhancedSGD([{"params": model[0].parameters(), "lr": 0.02},
                        {"params": model[2].parameters(), "momentum": 0.5}], lr=0.01, seed=3)
-    run_torch(model, opt, x, y, 3)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    run_torch(model, opt, x, y, 3)
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[1]["lr"] == 0.005
     losses = run_torch(model, opt, x, y, 3)
