@@ -102,7 +102,7 @@ def test_closure_returning_a_python_float_and_current_epoch():
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
             loss.backward()
-            return float(loss)
+            return float(loss.detach())
 
         assert isinstance(opt.step(closure, current_epoch=epoch), float)
     assert int(opt.state["controller"]["loss_count"]) == 3
