@@ -17,6 +17,7 @@ from .autosgm import (
 )
 from .adopt import ADOPTState, adopt, default_clip_value, scale_by_adopt
 from .asgd import ASGDState, asgd, asgd_averaged_params, scale_by_asgd
+from .enhanced_sgd import EnhancedSGDState, enhanced_sgd, scale_by_enhanced_sgd
 from .lookahead import LookaheadState, lookahead, lookahead_adam, lookahead_sgd, lookahead_slow_params
 from .elra import (
     ElraBoostState,
@@ -54,6 +55,9 @@ __all__ = [
     "asgd",
     "asgd_averaged_params",
     "scale_by_asgd",
+    "EnhancedSGDState",
+    "enhanced_sgd",
+    "scale_by_enhanced_sgd",
     "LookaheadState",
     "lookahead",
     "lookahead_adam",

@@ -10,10 +10,11 @@ from .adopt import ADOPT
 from .asgd import ASGD
 from .autosgm import AutoSGM
 from .elra import ELRA, ElraGradScaler, ElraOptimizer
+from .enhanced_sgd import EnhancedSGD
 from .lookahead import Lookahead, TorchLookahead
 from .optimizer import JaxOptimizer, compiled_step_cache_size
 from .sgd import SGD
 
 __all__ = ["JaxOptimizer", "SGD", "Adam", "AdamW", "ADOPT", "ASGD", "AutoSGM", "ELRA", "ElraOptimizer",
-           "ElraGradScaler", "Lookahead", "TorchLookahead",
+           "ElraGradScaler", "EnhancedSGD", "Lookahead", "TorchLookahead",
            "compiled_step_cache_size"]

@@ -1,0 +1,662 @@
+r"""EnhancedSGD: SGD with momentum whose learning rate and momentum are steered by a Q-learning controller.
+
+One step (N gradient elements over all leaves; ``D`` is float64 with x64 enabled, else float32):
+
+.. code-block:: text
+
+    skip the step (zero update, state unchanged except `skipped`) if any gradient or the loss is not finite
+    v   = Σ (g − mean g)² / (N − 1)                             (all leaves together; 0 if N = 1)
+    gv  = sf·v + (1 − sf)·gv                                    (smoothed variance)
+    gv  = 0.9·gv_prev + 0.1·gv   if |gv − gv_prev| > 0.9        (stabiliser; gv_prev from the last valued step)
+    c   = min(max(2·√gv, 0.5), 10)                              (clip level)
+    H   = normalised entropy of the histogram of g (entropy.py); H̄ its running mean (0.9/0.1)
+    with a loss f (``value=``): loss window, spike test f − f̄ > 0.5|f̄|, Q-learning step (qlearning.py)
+    k   = spike level (1 at a spike, falling by 1/spike_recovery_steps per valued step)
+    lr_t  = lr · lr_scale · (1 − (1 − lcf)·k)
+    mom_t = min(μ · momentum_scale · (1 − 0.1·k), max_momentum)
+    per leaf:  g ← centre(g);  g ← clip(g, −c, c) if gv > 0;  g ← g + σ_n·ξ,  ξ ~ N(0, 1)
+               ĝ = (1 − w)·g + w·R / (1 − ρ^n_R)                (retention blend, once R holds a gradient)
+               b ← mom_t·b + ĝ;   update = −lr_t·b
+    if H ≥ H̄:  R ← ρ·R + (1 − ρ)·g,  n_R += 1                  (ρ = 1 − 1/gradient_buffer_size)
+
+The scales live in bounded intervals and are never compounded into the learning rate, so
+``lr_t ∈ [lcf·lo·lr, hi·lr]`` and ``mom_t ≤ max_momentum`` at every step.
+
+References:
+  Watkins & Dayan, "Q-learning", Machine Learning 8 (1992).
+  Yong et al., "Gradient Centralization", arXiv:2004.01461 (``gradient_centering=True``).
+  Zhang et al., "Lookahead Optimizer: k steps forward, 1 step back", arXiv:1907.08610.
+  Neelakantan et al., "Adding Gradient Noise Improves Learning for Very Deep Networks", arXiv:1511.06807.
+  The EnhancedSGD PyTorch optimizer (github.com/waefrebeorn/EnhancedSGD, commit 75e9fad), whose README
+  features this implements; its gradient path without a loss is reproduced exactly (see the tests).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .. import _common as C
+from . import entropy as E
+from . import qlearning as Q
+
+PyTree = Any
+
+LOSS_WINDOW = 100
+STABILIZER = 0.9
+SPIKE_RATIO = 0.5
+SPIKE_MOMENTUM_CUT = 0.1
+ENTROPY_MEAN_DECAY = 0.9
+CLIP_MIN, CLIP_MAX = 0.5, 10.0
+
+
+class EnhancedSGDState(NamedTuple):
+    """State of :func:`scale_by_enhanced_sgd` (``D``: float64 with x64 enabled, else float32).
+
+    Attributes:
+      count: int32 number of steps taken (skipped steps excluded).
+      key: PRNG key (raw uint32 key data) for the noise and the controller's exploration.
+      momentum_buffer: momentum ``b``, shaped like the params.
+      retained: retained-gradient average ``R`` (``None`` without ``gradient_retention``).
+      retained_count: int32 number of gradients folded into ``R``.
+      grad_var: smoothed gradient variance ``gv`` (D).
+      prev_grad_var: ``gv`` at the last step that had a loss (D, 0 before any).
+      entropy_mean: running mean ``H̄`` of the normalised entropy (D).
+      loss_history: ring buffer of the last ``100`` losses (D[100]); loss_count: int32 losses seen.
+      spike_level: ``k ∈ [0, 1]`` (D).
+      lr_scale, momentum_scale: the controller's scales (D, within their bounds).
+      q_table: D[27, 18] action values.
+      epsilon: exploration rate; mix_prob: probability of a multiplicative exploratory action;
+      initial_mix_prob: its ceiling; mix_prev_loss: last loss seen by :func:`update_mix_prob` (NaN before).
+      prev_state, prev_action: int32 last transition's state and action; has_prev: bool.
+      prev_loss, prev_entropy: loss and normalised entropy of the last valued step (D).
+      last_lr, last_momentum, last_entropy: diagnostics of the last step (D; ``last_lr`` of the first leaf
+        when the learning rate is given per leaf); last_spike: bool; skipped: int32 non-finite steps skipped.
+    """
+
+    count: Any
+    key: Any
+    momentum_buffer: Any
+    retained: Any
+    retained_count: Any
+    grad_var: Any
+    prev_grad_var: Any
+    entropy_mean: Any
+    loss_history: Any
+    loss_count: Any
+    spike_level: Any
+    lr_scale: Any
+    momentum_scale: Any
+    q_table: Any
+    epsilon: Any
+    mix_prob: Any
+    initial_mix_prob: Any
+    mix_prev_loss: Any
+    prev_state: Any
+    prev_action: Any
+    has_prev: Any
+    prev_loss: Any
+    prev_entropy: Any
+    last_lr: Any
+    last_momentum: Any
+    last_entropy: Any
+    last_spike: Any
+    skipped: Any
+
+
+# --------------------------------------------------------------------------------------------------
+# Gaussian noise from counter-based random bits
+# --------------------------------------------------------------------------------------------------
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A bijective 32-bit integer finaliser (xor-shift-multiply; constants from Wellons' "lowbias32")."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _zeros_like(x: jax.Array) -> jax.Array:
+    """Zeros shaped, typed and (under an explicit mesh) sharded like ``x``."""
+    if E.explicit_spec(x) is None:
+        return jnp.zeros_like(x)
+    return jax.lax.full_like(x, 0, sharding=jax.typeof(x).sharding)
+
+
+def _flat_index(shape: Sequence[int], like: Optional[jax.Array]) -> jax.Array:
+    """uint32 row-major element index of an array of ``shape`` (sharded like ``like`` under an explicit mesh)."""
+    spec = None if like is None else E.explicit_spec(like)
+    extra = {} if spec is None else {"out_sharding": spec}
+    index = jnp.zeros(tuple(shape), jnp.uint32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), dim, **extra) * jnp.uint32(stride)
+        stride *= shape[dim]
+    return index
+
+
+def gaussian_noise(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32, *,
+                   like: Optional[jax.Array] = None) -> jax.Array:
+    """Standard normal samples from a raw uint32 key, cheaper than ``jax.random.normal`` on CPU.
+
+    Element ``i`` gets ``h = mix(mix(i + k0) ^ k1)`` (two rounds of a bijective 32-bit hash keyed by the
+    two key words), a uniform ``u = ((h >> 8) + ½)·2⁻²³ − 1 ∈ (−1, 1)`` on a 2²⁴-point grid and
+    ``ξ = √2·erfinv(u)``, the exact inverse normal CDF of that uniform (so |ξ| ≤ 5.6). Computed in float32
+    and cast to ``dtype``. The key must be a legacy raw key (``uint32[2]``). ``like``: an array whose
+    sharding the samples follow (the values do not depend on the sharding).
+    """
+    key = jnp.asarray(key)
+    index = _flat_index(tuple(shape), like) if shape else jnp.zeros((), jnp.uint32)
+    bits = _mix32(_mix32(index + key[0]) ^ key[1])
+    u = ((bits >> 8).astype(jnp.float32) + 0.5) * np.float32(2.0**-23) - 1.0
+    return (np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(u)).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= {minimum}.")
+
+
+def _check_bounds(name: str, bounds: Any) -> tuple[float, float]:
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except Exception:  # noqa: BLE001 - anything that is not a pair of numbers
+        raise ValueError(f"Invalid {name}: {bounds!r}; expected a pair (lo, hi) with 0 < lo <= 1 <= hi.") from None
+    if not (0 < lo <= 1 <= hi):
+        raise ValueError(f"Invalid {name}: {bounds!r}; expected a pair (lo, hi) with 0 < lo <= 1 <= hi.")
+    return lo, hi
+
+
+def _validate(
+    learning_rate, momentum, smoothing_factor, noise_scale, entropy_weight, loss_correction_factor,
+    retention_weight, q_learning_rate, q_discount, q_epsilon, q_epsilon_decay, q_epsilon_min,
+    q_initial_mix_prob, gradient_centering, centering_axis, gradient_buffer_size, lr_scale_bounds,
+    momentum_scale_bounds, max_momentum, spike_recovery_steps, entropy_bins, bayesian_prior_std, seed,
+    flags,
+):
+    for leaf in jax.tree.leaves(learning_rate):
+        C.check_range("learning_rate", leaf, gt=0.0)
+    for leaf in jax.tree.leaves(momentum):
+        C.check_range("momentum", leaf, ge=0.0, lt=1.0)
+    C.check_range("smoothing_factor", smoothing_factor, gt=0.0, le=1.0)
+    C.check_range("noise_scale", noise_scale, ge=0.0)
+    C.check_range("entropy_weight", entropy_weight, ge=0.0)
+    C.check_range("loss_correction_factor", loss_correction_factor, gt=0.0, le=1.0)
+    C.check_range("retention_weight", retention_weight, ge=0.0, le=1.0)
+    for name, value in (("q_learning_rate", q_learning_rate), ("q_discount", q_discount),
+                        ("q_epsilon", q_epsilon), ("q_epsilon_min", q_epsilon_min),
+                        ("q_initial_mix_prob", q_initial_mix_prob)):
+        C.check_range(name, value, ge=0.0, le=1.0)
+    C.check_range("q_epsilon_decay", q_epsilon_decay, gt=0.0, le=1.0)
+    for name, value in flags.items():
+        C.static_bool(name, value)
+    C.check_choice("gradient_centering", gradient_centering, (False, True, "all"))
+    if isinstance(centering_axis, bool) or not isinstance(centering_axis, (int, np.integer)):
+        raise ValueError(f"Invalid centering_axis: {centering_axis!r}; expected an integer axis (0 or -1).")
+    _check_int("gradient_buffer_size", gradient_buffer_size, 1)
+    _check_int("spike_recovery_steps", spike_recovery_steps, 1)
+    _check_int("entropy_bins", entropy_bins, 2)
+    lr_bounds = _check_bounds("lr_scale_bounds", lr_scale_bounds)
+    momentum_bounds = _check_bounds("momentum_scale_bounds", momentum_scale_bounds)
+    if isinstance(max_momentum, bool) or not isinstance(max_momentum, (int, float, np.floating)) \
+            or not 0 < max_momentum < 1:
+        raise ValueError(f"Invalid max_momentum: {max_momentum!r}; allowed range is (0, 1).")
+    if isinstance(bayesian_prior_std, bool) or not isinstance(bayesian_prior_std, (int, float, np.floating)) \
+            or not bayesian_prior_std >= 0:
+        raise ValueError(f"Invalid bayesian_prior_std: {bayesian_prior_std!r}; allowed range is [0, inf).")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"Invalid seed: {seed!r}; expected a Python integer.")
+    return lr_bounds, momentum_bounds
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces of the step
+# --------------------------------------------------------------------------------------------------
+
+
+def _work_dtype(dtype: Any) -> Any:
+    """Arithmetic dtype of a leaf: at least float32 (half-precision leaves are rounded once, at the end)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _per_leaf(value: Any, treedef: Any) -> list:
+    """``value`` once per leaf: a scalar is repeated, a pytree matching the params is flattened."""
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):
+        return [value] * treedef.num_leaves
+    return treedef.flatten_up_to(value)
+
+
+def _centre(g: jax.Array, mode: Any, axis: int, leaf_sum: jax.Array) -> jax.Array:
+    """Gradient centering: ``True`` per output slice (ndim ≥ 2), ``'all'`` whole tensor (size > 1)."""
+    if mode is True and g.ndim >= 2:
+        keep = axis % g.ndim
+        axes = tuple(a for a in range(g.ndim) if a != keep)
+        return g - jnp.mean(g, axis=axes, keepdims=True)
+    if mode == "all" and g.size > 1:
+        return g - (leaf_sum / g.size).astype(g.dtype)
+    return g
+
+
+def _map_enhanced_states(state: PyTree, fn) -> PyTree:
+    """Apply ``fn`` to every :class:`EnhancedSGDState` inside ``state`` (chains, lookahead, inject...)."""
+    is_esgd = lambda x: isinstance(x, EnhancedSGDState)  # noqa: E731
+    return jax.tree.map(lambda x: fn(x) if is_esgd(x) else x, state, is_leaf=is_esgd)
+
+
+def find_enhanced_state(state: PyTree) -> EnhancedSGDState:
+    """The (first) :class:`EnhancedSGDState` inside an optimizer state; ``ValueError`` if there is none."""
+    is_esgd = lambda x: isinstance(x, EnhancedSGDState)  # noqa: E731
+    found = [x for x in jax.tree.leaves(state, is_leaf=is_esgd) if is_esgd(x)]
+    if not found:
+        raise ValueError("The state contains no EnhancedSGDState.")
+    return found[0]
+
+
+def update_mix_prob(state: PyTree, loss: Any, *, decay_factor: float = 0.98, loss_threshold: float = 0.01):
+    """Adapt the probability of multiplicative exploratory actions to the loss change (user-invoked).
+
+    The first call stores ``loss``. Afterwards, with ``Δ = |prev − loss|``::
+
+        mix_prob ← max(0.1, mix_prob · decay_factor)                          if Δ < loss_threshold
+        mix_prob ← min(initial_mix_prob, mix_prob · (1 + 0.05·decay_factor))  otherwise
+
+    Accepts an :class:`EnhancedSGDState` or any optimizer state containing one; returns the new state.
+    """
+
+    def one(s: EnhancedSGDState) -> EnhancedSGDState:
+        dtype = s.mix_prob.dtype
+        f = jnp.asarray(loss).astype(dtype)
+        first = jnp.isnan(s.mix_prev_loss)
+        change = jnp.abs(s.mix_prev_loss - f)
+        lowered = jnp.maximum(jnp.asarray(0.1, dtype), s.mix_prob * decay_factor)
+        raised = jnp.minimum(s.initial_mix_prob, s.mix_prob * (1 + 0.05 * decay_factor))
+        mix = jnp.where(first, s.mix_prob, jnp.where(change < loss_threshold, lowered, raised))
+        return s._replace(mix_prob=mix.astype(dtype), mix_prev_loss=f)
+
+    return _map_enhanced_states(state, one)
+
+
+def bayesian_initialize(
+    state: PyTree,
+    key: Optional[jax.Array] = None,
+    prior_std: float = 0.05,
+    *,
+    lr_scale_bounds: Sequence[float] = (0.5, 1.5),
+    momentum_scale_bounds: Sequence[float] = (0.9, 1.1),
+    adaptive_momentum: bool = True,
+):
+    """Redraw the controller's scales from a Gaussian prior around their current values.
+
+    ``lr_scale ← clip(lr_scale + σ z1, lr_scale_bounds)``, ``momentum_scale ← clip(momentum_scale + σ z2,
+    momentum_scale_bounds)`` (unchanged without ``adaptive_momentum``), ``(z1, z2) ~ N(0, 1)`` from ``key``,
+    or, when ``key`` is None, from a split of the state's own key (which then advances). Model weights are
+    never touched. Accepts an :class:`EnhancedSGDState` or any optimizer state containing one.
+    """
+    lr_bounds = _check_bounds("lr_scale_bounds", lr_scale_bounds)
+    momentum_bounds = _check_bounds("momentum_scale_bounds", momentum_scale_bounds)
+
+    def one(s: EnhancedSGDState) -> EnhancedSGDState:
+        if key is None:
+            new_key, draw_key = jax.random.split(s.key)
+        else:
+            new_key, draw_key = s.key, key
+        z = jax.random.normal(draw_key, (2,), s.lr_scale.dtype)
+        lr_scale = jnp.clip(s.lr_scale + prior_std * z[0], *lr_bounds).astype(s.lr_scale.dtype)
+        momentum_scale = s.momentum_scale
+        if adaptive_momentum:
+            momentum_scale = jnp.clip(s.momentum_scale + prior_std * z[1], *momentum_bounds)
+            momentum_scale = momentum_scale.astype(s.momentum_scale.dtype)
+        return s._replace(key=new_key, lr_scale=lr_scale, momentum_scale=momentum_scale)
+
+    return _map_enhanced_states(state, one)
+
+
+# --------------------------------------------------------------------------------------------------
+# the transformation
+# --------------------------------------------------------------------------------------------------
+
+
+def scale_by_enhanced_sgd(
+    learning_rate: Any = 0.01,
+    momentum: Any = 0.9,
+    smoothing_factor: Any = 0.1,
+    noise_scale: Any = 1e-4,
+    entropy_weight: Any = 0.1,
+    loss_correction_factor: Any = 0.5,
+    retention_weight: Any = 0.1,
+    q_learning_rate: Any = 0.1,
+    q_discount: Any = 0.9,
+    q_epsilon: Any = 0.5,
+    q_epsilon_decay: Any = 0.995,
+    q_epsilon_min: Any = 0.01,
+    q_initial_mix_prob: Any = 0.8,
+    *,
+    apply_noise: bool = True,
+    adaptive_momentum: bool = True,
+    gradient_centering: Any = True,
+    centering_axis: int = 0,
+    gradient_clipping: bool = True,
+    gradient_retention: bool = True,
+    gradient_buffer_size: int = 100,
+    lr_scale_bounds: Sequence[float] = (0.5, 1.5),
+    momentum_scale_bounds: Sequence[float] = (0.9, 1.1),
+    max_momentum: float = 0.99,
+    spike_recovery_steps: int = 10,
+    entropy_bins: int = 100,
+    bayesian_init: bool = False,
+    bayesian_prior_std: float = 0.05,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""EnhancedSGD's full step (without lookahead): returns the parameter updates ``−lr_t·b``.
+
+    See the module docstring for the update rule. Pass the loss as ``value=`` to run the Q-learning
+    controller and the spike handling; without it (decided at trace time) both are skipped and the scales
+    keep their stored values.
+
+    Args:
+      learning_rate: base learning rate ``lr > 0``; a scalar or a pytree of scalars matching the params.
+      momentum: base momentum ``μ ∈ [0, 1)``; a scalar or a pytree of scalars matching the params.
+      smoothing_factor: ``sf ∈ (0, 1]``, weight of the new variance in ``gv``.
+      noise_scale: ``σ_n ≥ 0``, standard deviation of the Gaussian gradient noise.
+      entropy_weight: ``w_H ≥ 0``, weight of the instability penalty in the controller's reward.
+      loss_correction_factor: ``lcf ∈ (0, 1]``, learning-rate factor at a loss spike.
+      retention_weight: ``w ∈ [0, 1]``, weight of the retained gradient in the blend.
+      q_learning_rate, q_discount: α and γ of the Q-update (in [0, 1]).
+      q_epsilon, q_epsilon_decay, q_epsilon_min: initial exploration rate, its per-valued-step decay
+        (in (0, 1]) and floor. ``q_epsilon`` and ``q_initial_mix_prob`` are read by ``init`` only.
+      q_initial_mix_prob: initial (and maximum) probability of multiplicative exploratory actions.
+      apply_noise: add ``σ_n·ξ`` to the processed gradient.
+      adaptive_momentum: let the controller scale the momentum.
+      gradient_centering: ``False``; ``True`` (Gradient Centralization: leaves with ndim ≥ 2 lose their mean
+        over all axes but ``centering_axis``); ``'all'`` (every leaf with more than one element loses its
+        whole-tensor mean).
+      centering_axis: the output axis kept by ``True`` (0 for PyTorch ``(out, in, …)``, −1 for flax kernels).
+      gradient_clipping: clip elements to ``±c`` once ``gv > 0``.
+      gradient_retention: keep the retained average ``R`` and blend it in.
+      gradient_buffer_size: ``≥ 1``; ``R`` averages about this many retained gradients (ρ = 1 − 1/size).
+      lr_scale_bounds, momentum_scale_bounds: ``(lo, hi)``, ``0 < lo ≤ 1 ≤ hi``.
+      max_momentum: cap of the effective momentum, in (0, 1).
+      spike_recovery_steps: valued steps over which a spike's cut fades linearly (≥ 1).
+      entropy_bins: histogram bins (≥ 2).
+      bayesian_init: draw the initial scales from ``N(1, bayesian_prior_std²)`` (clipped to their bounds).
+      bayesian_prior_std: standard deviation of that prior.
+      seed: seed of the PRNG key kept in the state.
+
+    Extra args: ``value`` (the loss, optional), ``grad_mask`` (per-leaf bools; False leaves get a zero
+    update, keep their buffers and are left out of the statistics). Others are ignored.
+    """
+    flags = dict(apply_noise=apply_noise, adaptive_momentum=adaptive_momentum,
+                 gradient_clipping=gradient_clipping, gradient_retention=gradient_retention,
+                 bayesian_init=bayesian_init)
+    lr_bounds, momentum_bounds = _validate(
+        learning_rate, momentum, smoothing_factor, noise_scale, entropy_weight, loss_correction_factor,
+        retention_weight, q_learning_rate, q_discount, q_epsilon, q_epsilon_decay, q_epsilon_min,
+        q_initial_mix_prob, gradient_centering, centering_axis, gradient_buffer_size, lr_scale_bounds,
+        momentum_scale_bounds, max_momentum, spike_recovery_steps, entropy_bins, bayesian_prior_std, seed,
+        flags,
+    )
+    rho = 1.0 - 1.0 / gradient_buffer_size
+    max_momentum = float(max_momentum)
+
+    def init_fn(params):
+        D = E.controller_dtype()
+        # every field gets its own buffer, so that the state can be donated
+        zero = lambda: jnp.zeros((), D)  # noqa: E731
+        lr_scale = jnp.ones((), D)
+        momentum_scale = jnp.ones((), D)
+        if bayesian_init:
+            z = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 1), (2,), D)
+            lr_scale = jnp.clip(1 + bayesian_prior_std * z[0], *lr_bounds).astype(D)
+            if adaptive_momentum:
+                momentum_scale = jnp.clip(1 + bayesian_prior_std * z[1], *momentum_bounds).astype(D)
+        mix = jnp.asarray(q_initial_mix_prob).astype(D)
+        return EnhancedSGDState(
+            count=jnp.zeros((), jnp.int32),
+            key=jax.random.PRNGKey(seed),
+            momentum_buffer=jax.tree.map(jnp.zeros_like, params),
+            retained=jax.tree.map(jnp.zeros_like, params) if gradient_retention else None,
+            retained_count=jnp.zeros((), jnp.int32),
+            grad_var=zero(), prev_grad_var=zero(), entropy_mean=zero(),
+            loss_history=jnp.zeros((LOSS_WINDOW,), D), loss_count=jnp.zeros((), jnp.int32),
+            spike_level=zero(), lr_scale=lr_scale, momentum_scale=momentum_scale,
+            q_table=jnp.zeros((Q.NUM_STATES, Q.NUM_ACTIONS), D),
+            epsilon=jnp.asarray(q_epsilon).astype(D), mix_prob=mix, initial_mix_prob=jnp.array(mix, copy=True),
+            mix_prev_loss=jnp.full((), jnp.nan, D),
+            prev_state=jnp.zeros((), jnp.int32), prev_action=jnp.zeros((), jnp.int32),
+            has_prev=jnp.zeros((), bool), prev_loss=zero(), prev_entropy=zero(),
+            last_lr=zero(), last_momentum=zero(), last_entropy=zero(),
+            last_spike=jnp.zeros((), bool), skipped=jnp.zeros((), jnp.int32),
+        )
+
+    def controller(state: EnhancedSGDState, f, gv, hn, hbar, k_ctrl):
+        """Loss window, spike level and one Q-learning step (§ valued steps). Returns updated fields."""
+        D = state.grad_var.dtype
+        seen = jnp.minimum(state.loss_count, LOSS_WINDOW)
+        prev_mean = jnp.sum(state.loss_history) / jnp.maximum(seen, 1).astype(D)
+        history = state.loss_history.at[state.loss_count % LOSS_WINDOW].set(f)
+        mean = jnp.sum(history) / jnp.minimum(state.loss_count + 1, LOSS_WINDOW).astype(D)
+        spike = (f - mean) > SPIKE_RATIO * jnp.abs(mean)
+        spike_level = jnp.where(spike, 1.0, jnp.maximum(0.0, state.spike_level - 1.0 / spike_recovery_steps))
+
+        s = Q.discretize(f, prev_mean, state.loss_count > 0, gv, state.prev_grad_var, hn, hbar)
+        reward = Q.transition_reward(state.prev_loss, f, state.prev_entropy, hn, state.prev_grad_var, gv,
+                                     jnp.asarray(entropy_weight, D))
+        learned = Q.q_learning_update(state.q_table, state.prev_state, state.prev_action, reward, s,
+                                      q_learning_rate, q_discount)
+        q_table = jnp.where(state.has_prev, learned, state.q_table)
+        action = Q.epsilon_greedy(k_ctrl, q_table[s], state.epsilon, state.mix_prob)
+        lr_scale, momentum_scale = Q.apply_action(action, state.lr_scale, state.momentum_scale, lr_bounds,
+                                                  momentum_bounds, adaptive_momentum=adaptive_momentum)
+        return dict(
+            loss_history=history, loss_count=C.safe_increment(state.loss_count),
+            spike_level=spike_level.astype(D), last_spike=spike, q_table=q_table,
+            epsilon=Q.decay_epsilon(state.epsilon, q_epsilon_decay, q_epsilon_min),
+            lr_scale=lr_scale, momentum_scale=momentum_scale,
+            prev_state=s, prev_action=action, has_prev=jnp.ones((), bool), prev_loss=f, prev_entropy=hn,
+            prev_grad_var=gv,
+        )
+
+    def update_fn(updates, state, params=None, *, value=None, grad_mask=None, **extra_args):
+        del params, extra_args
+        leaves, treedef = jax.tree.flatten(updates)
+        masks = [None] * len(leaves) if grad_mask is None else [
+            None if m is None else jnp.asarray(m, bool) for m in treedef.flatten_up_to(grad_mask)]
+        D = state.grad_var.dtype
+        f = None if value is None else jnp.asarray(value).astype(D)
+
+        # Pass 1 over the gradients: sums, finiteness and range (one variadic reduction per leaf).
+        summaries = [E.leaf_summary(g) for g in leaves]
+        sums, finite = [], jnp.ones((), bool)
+        count_n = jnp.zeros((), D)
+        for g, m, (s, _, _, ok) in zip(leaves, masks, summaries):
+            if m is not None:
+                s = jnp.where(m, s, 0)
+                ok = jnp.where(m, ok, True)
+            sums.append(s)
+            finite = finite & ok
+            count_n = count_n + (g.size if m is None else jnp.where(m, g.size, 0).astype(D))
+        if f is not None:
+            finite = finite & jnp.isfinite(f)
+
+        def step(state: EnhancedSGDState):
+            # One split gives the next key, the controller's key and one noise key per leaf.
+            keys = jax.random.split(state.key, 2 + len(leaves))
+            key, k_ctrl, leaf_keys = keys[0], keys[1], keys[2:]
+            # Statistics of the raw gradient.
+            total = count_n
+            grad_mean = sum(s.astype(D) for s in sums) / jnp.maximum(total, 1)
+            squares = []
+            for g, m in zip(leaves, masks):
+                wd = _work_dtype(g.dtype)
+                sq = jnp.sum(jnp.square(g.astype(wd) - grad_mean.astype(wd)))
+                squares.append(sq if m is None else jnp.where(m, sq, 0))
+            var = sum(sq.astype(D) for sq in squares) / jnp.maximum(total - 1, 1)
+            var = jnp.where(total > 1, var, 0)
+            var = var.astype(jnp.result_type(*[g.dtype for g in leaves])).astype(D)
+            sf = jnp.asarray(smoothing_factor).astype(D)
+            gv = sf * var + (1 - sf) * state.grad_var
+            gv = jnp.where(jnp.abs(gv - state.prev_grad_var) > STABILIZER,
+                           state.prev_grad_var * STABILIZER + (1.0 - STABILIZER) * gv, gv)
+            clip = jnp.minimum(jnp.maximum(2 * jnp.sqrt(gv), CLIP_MIN), CLIP_MAX)
+
+            lo, hi = E.value_range(leaves, masks, summaries)
+            counts = E.histogram_counts(leaves, entropy_bins, lo, hi, masks)
+            _, hn = E.entropy_from_counts(counts, total, D)
+            hn = jnp.where(hi > lo, hn, 0).astype(D)
+            hbar = jnp.where(state.count == 0, hn, state.entropy_mean)
+
+            fields = dict(grad_var=gv, entropy_mean=(ENTROPY_MEAN_DECAY * hbar + (1 - ENTROPY_MEAN_DECAY) * hn).astype(D))
+            if f is not None:
+                fields.update(controller(state, f, gv, hn, hbar, k_ctrl))
+            spike_level = fields.get("spike_level", state.spike_level)
+            lr_scale = fields.get("lr_scale", state.lr_scale)
+            momentum_scale = fields.get("momentum_scale", state.momentum_scale) if adaptive_momentum \
+                else jnp.ones((), D)
+            lcf = jnp.asarray(loss_correction_factor).astype(D)
+            lr_factor = lr_scale * (1 - (1 - lcf) * spike_level)
+            mom_factor = momentum_scale * (1 - SPIKE_MOMENTUM_CUT * spike_level)
+
+            insert = hn >= hbar
+            n_ret = state.retained_count
+            retained_in = treedef.flatten_up_to(state.retained) if gradient_retention else [None] * len(leaves)
+            buffers_in = treedef.flatten_up_to(state.momentum_buffer)
+            lrs = _per_leaf(learning_rate, treedef)
+            moms = _per_leaf(momentum, treedef)
+            if gradient_retention:
+                w = jnp.asarray(retention_weight).astype(D)
+                inverse_bc = 1 / C.bias_correction_from(1.0 / gradient_buffer_size, jnp.maximum(n_ret, 1), D)
+
+            outs, buffers, retained = [], [], []
+            lr_first = mom_first = None
+            for i, (g, m, b, r, lr, mu, s) in enumerate(zip(leaves, masks, buffers_in, retained_in, lrs, moms, sums)):
+                wd = _work_dtype(g.dtype)
+                lr_t = jnp.asarray(lr).astype(D) * lr_factor
+                mom_t = jnp.minimum(jnp.asarray(mu).astype(D) * mom_factor, max_momentum)
+                if i == 0:
+                    lr_first, mom_first = lr_t, mom_t
+                x = _centre(g.astype(wd), gradient_centering, centering_axis, s.astype(wd))
+                if gradient_clipping:
+                    c = clip.astype(wd)
+                    x = jnp.where(gv > 0, jnp.clip(x, -c, c), x)
+                if apply_noise:
+                    x = x + jnp.asarray(noise_scale).astype(wd) * gaussian_noise(leaf_keys[i], g.shape, wd, like=g)
+                if gradient_retention:
+                    blend = (1 - w.astype(wd)) * x + w.astype(wd) * (r.astype(wd) * inverse_bc.astype(wd))
+                    x_hat = jnp.where(n_ret > 0, blend, x)
+                    r_new = jnp.where(insert, rho * r.astype(wd) + (1.0 - rho) * x, r.astype(wd)).astype(r.dtype)
+                    retained.append(C.where_mask(m, r_new, r))
+                else:
+                    x_hat = x
+                b_new = (mom_t.astype(wd) * b.astype(wd) + x_hat).astype(b.dtype)
+                u = (-lr_t.astype(wd) * b_new.astype(wd)).astype(g.dtype)
+                buffers.append(C.where_mask(m, b_new, b))
+                outs.append(u if m is None else jnp.where(m, u, jnp.zeros_like(u)))
+
+            fields.update(
+                count=C.safe_increment(state.count), key=key,
+                momentum_buffer=treedef.unflatten(buffers),
+                retained=treedef.unflatten(retained) if gradient_retention else None,
+                retained_count=jnp.where(insert, C.safe_increment(n_ret), n_ret) if gradient_retention else n_ret,
+                last_lr=lr_first.astype(D), last_momentum=mom_first.astype(D), last_entropy=hn,
+            )
+            if "last_spike" not in fields:
+                fields["last_spike"] = jnp.zeros((), bool)
+            new_state = state._replace(**fields)
+            new_state = jax.tree.map(lambda n, o: n.astype(o.dtype), new_state, state)
+            return treedef.unflatten(outs), new_state
+
+        def skip(state: EnhancedSGDState):
+            zeros = treedef.unflatten([_zeros_like(g) for g in leaves])
+            return zeros, state._replace(skipped=C.safe_increment(state.skipped))
+
+        # A select rather than lax.cond: under jit a conditional copies every state buffer it passes
+        # through, which costs more than computing the step and discarding it on the rare skipped step.
+        stepped, skipped = step(state), skip(state)
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), stepped, skipped)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def enhanced_sgd(
+    learning_rate: Any = 0.01,
+    momentum: Any = 0.9,
+    smoothing_factor: Any = 0.1,
+    noise_scale: Any = 1e-4,
+    entropy_weight: Any = 0.1,
+    loss_correction_factor: Any = 0.5,
+    retention_weight: Any = 0.1,
+    q_learning_rate: Any = 0.1,
+    q_discount: Any = 0.9,
+    q_epsilon: Any = 0.5,
+    q_epsilon_decay: Any = 0.995,
+    q_epsilon_min: Any = 0.01,
+    q_initial_mix_prob: Any = 0.8,
+    lookahead_alpha: Any = 0.5,
+    *,
+    lookahead_k: int = 5,
+    apply_noise: bool = True,
+    adaptive_momentum: bool = True,
+    gradient_centering: Any = True,
+    centering_axis: int = 0,
+    gradient_clipping: bool = True,
+    gradient_retention: bool = True,
+    gradient_buffer_size: int = 100,
+    lr_scale_bounds: Sequence[float] = (0.5, 1.5),
+    momentum_scale_bounds: Sequence[float] = (0.9, 1.1),
+    max_momentum: float = 0.99,
+    spike_recovery_steps: int = 10,
+    entropy_bins: int = 100,
+    bayesian_init: bool = False,
+    bayesian_prior_std: float = 0.05,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""EnhancedSGD: :func:`scale_by_enhanced_sgd` wrapped in lookahead (slow weights every ``k`` steps).
+
+    .. math::
+        \text{fast: } \theta \leftarrow \theta - \mathrm{lr}_t\, b_t \text{ (see } scale\_by\_enhanced\_sgd),\qquad
+        \text{every } k \text{ steps: } \phi \leftarrow \phi + \alpha(\theta - \phi),\; \theta \leftarrow \phi
+
+    Args:
+      learning_rate … q_initial_mix_prob: as :func:`scale_by_enhanced_sgd`.
+      lookahead_alpha: slow step size ``α ∈ (0, 1]`` (weight of the fast weights at a sync).
+      lookahead_k: sync period ``k ≥ 0``; 0 disables lookahead (the result is the inner transformation).
+      apply_noise … seed: the keyword-only options of :func:`scale_by_enhanced_sgd`.
+
+    Extra args: ``value`` (the loss; enables the controller and spike handling), ``grad_mask``; forwarded to
+    the inner transformation by lookahead.
+
+    References:
+      Zhang et al., "Lookahead Optimizer: k steps forward, 1 step back", arXiv:1907.08610; see
+      :mod:`jaxopt_suite.enhanced_sgd.transform` for the rest.
+    """
+    _check_int("lookahead_k", lookahead_k, 0)
+    if lookahead_k:
+        C.check_range("lookahead_alpha", lookahead_alpha, gt=0.0, le=1.0)
+    inner = scale_by_enhanced_sgd(
+        learning_rate, momentum, smoothing_factor, noise_scale, entropy_weight, loss_correction_factor,
+        retention_weight, q_learning_rate, q_discount, q_epsilon, q_epsilon_decay, q_epsilon_min,
+        q_initial_mix_prob, apply_noise=apply_noise, adaptive_momentum=adaptive_momentum,
+        gradient_centering=gradient_centering, centering_axis=centering_axis,
+        gradient_clipping=gradient_clipping, gradient_retention=gradient_retention,
+        gradient_buffer_size=gradient_buffer_size, lr_scale_bounds=lr_scale_bounds,
+        momentum_scale_bounds=momentum_scale_bounds, max_momentum=max_momentum,
+        spike_recovery_steps=spike_recovery_steps, entropy_bins=entropy_bins, bayesian_init=bayesian_init,
+        bayesian_prior_std=bayesian_prior_std, seed=seed,
+    )
+    if lookahead_k == 0:
+        return inner
+    from ..lookahead import lookahead  # the suite's own lookahead wrapper
+
+    return lookahead(inner, sync_period=lookahead_k, slow_step_size=lookahead_alpha)

@@ -1,0 +1,228 @@
+"""torch_bridge.EnhancedSGD: reference signature, JAX parity, closures, groups, state_dict resume."""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import jaxopt_suite
+from jaxopt_suite.enhanced_sgd import find_enhanced_state
+from torch_bridge import EnhancedSGD
+
+
+def readme_model(seed: int, out: int = 1, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(10, 50), torch.nn.ReLU(), torch.nn.Linear(50, out)).to(dtype)
+
+
+def readme_data(seed: int, out: int = 1):
+    g = torch.Generator().manual_seed(1000 + seed)
+    x = torch.randn(1024, 10, generator=g)
+    y = x @ torch.randn(10, out, generator=g) + 0.1 * torch.randn(1024, out, generator=g)
+    return x, y
+
+
+def batches(x, y, i, size=64):
+    start = (i * size) % x.shape[0]
+    return x[start:start + size], y[start:start + size]
+
+
+def run_torch(model, opt, x, y, steps, *, mode="closure"):
+    losses = []
+    for i in range(steps):
+        xb, yb = batches(x, y, i)
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
+            return loss
+
+        if mode == "closure":
+            loss = opt.step(closure)
+        elif mode == "value":
+            loss = closure()
+            opt.step(value=loss)
+        else:
+            loss = closure()
+            opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_matches_jax_transformation_with_the_same_seed():
+    """Teacher-forced: the JAX transformation gets the bridge's gradients and losses; params agree."""
+    model = readme_model(0)
+    x, y = readme_data(0)
+    opt = EnhancedSGD(model.parameters(), lr=0.02, momentum=0.9, lookahead_k=3, seed=5)
+    tx = jaxopt_suite.enhanced_sgd(learning_rate=0.02, momentum=0.9, lookahead_k=3, seed=5)
+    params = [jnp.asarray(p.detach().numpy()) for p in model.parameters()]
+    state = tx.init(params)
+    update = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))
+    for i in range(12):
+        xb, yb = batches(x, y, i)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(xb), yb)
+        loss.backward()
+        grads = [jnp.asarray(p.grad.numpy()) for p in model.parameters()]
+        u, state = update(grads, state, params, jnp.float32(loss.item()))
+        params = optax.apply_updates(params, u)
+        opt.step(value=loss)
+        for p, q in zip(model.parameters(), params):
+            np.testing.assert_allclose(p.detach().numpy(), np.asarray(q), rtol=0, atol=1e-7)
+    ours = find_enhanced_state(state)
+    np.testing.assert_allclose(opt.q_controller.q_table.numpy(), np.asarray(ours.q_table), rtol=1e-5, atol=1e-8)
+    assert float(opt.q_controller.epsilon) == float(ours.epsilon)
+
+
+@pytest.mark.parametrize("mode", ["closure", "value", "none"])
+def test_step_modes_train_the_readme_model(mode):
+    model = readme_model(1)
+    x, y = readme_data(1)
+    opt = EnhancedSGD(model.parameters(), lr=0.01, momentum=0.9, smoothing_factor=0.1, entropy_weight=0.1,
+                      adaptive_momentum=True, seed=1)
+    losses = run_torch(model, opt, x, y, 80, mode=mode)
+    assert np.all(np.isfinite(losses)) and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    eps = float(opt.q_controller.epsilon)
+    assert (eps < 0.5) == (mode != "none")  # the controller runs only with a loss
+
+
+def test_closure_returning_a_python_float_and_current_epoch():
+    model = readme_model(2)
+    x, y = readme_data(2)
+    opt = EnhancedSGD(model.parameters(), seed=0)
+    for epoch in range(1, 4):
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+            loss.backward()
+            return float(loss.detach())
+
+        assert isinstance(opt.step(closure, current_epoch=epoch), float)
+    assert int(opt.state["controller"]["loss_count"]) == 3
+
+
+def test_seed_none_follows_torch_manual_seed():
+    def run():
+        torch.manual_seed(123)
+        model = readme_model(3)
+        x, y = readme_data(3)
+        opt = EnhancedSGD(model.parameters())
+        run_torch(model, opt, x, y, 5)
+        return [p.detach().clone() for p in model.parameters()]
+
+    a, b = run(), run()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_resume_is_bit_identical():
+    x, y = readme_data(4)
+    model = readme_model(4)
+    opt = EnhancedSGD(model.parameters(), lookahead_k=4, seed=9)
+    run_torch(model, opt, x, y, 6)
+    sd = copy.deepcopy(opt.state_dict())
+    snapshot = copy.deepcopy(model.state_dict())
+    assert set(sd["state"][0]) == {"momentum_buffer", "retained", "slow"}
+    controller = sd["state"]["controller"]
+    assert controller["q_table"].shape == (27, 18) and controller["key"].dtype == torch.uint32
+    run_torch(model, opt, x, y, 5)  # continues (batches restart; irrelevant for the comparison)
+
+    model2 = readme_model(99)
+    model2.load_state_dict(snapshot)
+    opt2 = EnhancedSGD(model2.parameters(), lookahead_k=4, seed=0)
+    opt2.load_state_dict(sd)
+    run_torch(model2, opt2, x, y, 5)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_param_groups_have_their_own_lr_and_momentum():
+    model = readme_model(5)
+    x, y = readme_data(5)
+    opt = EnhancedSGD([{"params": model[0].parameters(), "lr": 0.02},
+                       {"params": model[2].parameters(), "momentum": 0.5}], lr=0.01, seed=3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    run_torch(model, opt, x, y, 3)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[1]["lr"] == 0.005
+    losses = run_torch(model, opt, x, y, 3)
+    assert np.all(np.isfinite(losses))
+    inner = find_enhanced_state(opt._jstate)
+    assert float(inner.last_lr) == pytest.approx(0.01 * float(inner.lr_scale) * (1 - 0.5 * float(inner.spike_level)),
+                                                 rel=1e-5)
+    with pytest.raises(ValueError, match="noise_scale"):
+        EnhancedSGD([{"params": model[0].parameters(), "noise_scale": 0.1}])
+
+
+def test_parameter_without_grad_is_untouched():
+    model = readme_model(6)
+    x, y = readme_data(6)
+    opt = EnhancedSGD(model.parameters(), lookahead_k=0, seed=2)
+    run_torch(model, opt, x, y, 2)
+    frozen = model[0].bias
+    before = frozen.detach().clone()
+    buf = opt.state[frozen]["momentum_buffer"].clone()
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+    frozen.grad = None
+    opt.step()
+    assert torch.equal(frozen, before)
+    assert torch.equal(opt.state[frozen]["momentum_buffer"], buf)
+
+
+def test_bfloat16_parameters():
+    model = readme_model(7, dtype=torch.bfloat16)
+    x, y = readme_data(7)
+    opt = EnhancedSGD(model.parameters(), seed=7)
+    losses = run_torch(model, opt, x.bfloat16(), y.bfloat16(), 60)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert np.all(np.isfinite(losses)) and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+
+
+def test_nan_gradient_skips_the_step():
+    model = readme_model(8)
+    x, y = readme_data(8)
+    opt = EnhancedSGD(model.parameters(), seed=2)
+    run_torch(model, opt, x, y, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+    loss.backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    opt.step(value=loss)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    assert int(opt.state["controller"]["skipped"]) == 1
+
+
+def test_controller_view_and_helpers():
+    model = readme_model(9)
+    opt = EnhancedSGD(model.parameters(), seed=4)
+    assert float(opt.q_controller.mix_prob) == pytest.approx(0.8)
+    opt.q_controller.update_mix_prob(1.0, epoch=1)
+    opt.q_controller.update_mix_prob(1.001)
+    assert float(opt.q_controller.mix_prob) == pytest.approx(0.8 * 0.98)
+    opt.bayesian_initialize_params()
+    lr_scale = float(opt.q_controller.lr_scale)
+    assert 0.5 <= lr_scale <= 1.5 and lr_scale != 1.0
+
+
+def test_unsupported_and_invalid_arguments():
+    params = readme_model(0).parameters()
+    with pytest.raises(NotImplementedError):
+        EnhancedSGD(params, layer_type_scaling={"Linear": 1.0})
+    with pytest.raises(NotImplementedError):
+        EnhancedSGD(readme_model(0).parameters(), grad_cam_scaling=True)
+    with pytest.raises(ValueError, match="learning_rate"):
+        EnhancedSGD(readme_model(0).parameters(), lr=-1.0)
+    with pytest.raises(ValueError, match="lr_scale_bounds"):
+        EnhancedSGD(readme_model(0).parameters(), lr_scale_bounds=(2.0, 3.0))
+    # accepted and ignored, as in the reference
+    EnhancedSGD(readme_model(0).parameters(), model=None, decay=0.5, usage_case="CV", max_steps=10)

@@ -1,0 +1,345 @@
+"""``EnhancedSGD``: :func:`jaxopt_suite.enhanced_sgd` as a ``torch.optim.Optimizer``, with the reference's signature.
+
+The controller and all gradient statistics are global over every parameter of every group, so unlike the
+generic per-group runtime of :class:`~torch_bridge.optimizer.JaxOptimizer` this class keeps **one** JAX state
+for all parameters (in ``param_groups`` order) and one compiled step. Each group's ``'lr'`` and
+``'momentum'`` are the base values of its own parameters (read at every step as traced arguments, so
+schedulers never recompile); every other option is global.
+
+``step(closure)`` calls the closure once under ``enable_grad``; its return value (tensor or Python number)
+is the loss that drives the Q-learning controller and the spike handling. ``step(value=loss)`` passes the
+loss directly (``GradScaler.step(opt, value=loss)``); ``step()`` runs without a loss (controller skipped).
+The loss tensor is handed to JAX without ``.item()``. Parameters whose ``.grad`` is None are skipped
+(zero update, their buffers kept) and left out of the statistics.
+
+state_dict: per parameter ``momentum_buffer`` (torch SGD's name), ``retained`` (the retained-gradient
+average) and ``slow`` (lookahead's slow weights); the controller under the non-parameter key
+``state['controller']`` (tensors; the PRNG key as raw uint32 data). Resuming is bit-identical.
+
+Arguments accepted for compatibility and ignored (they have no effect in the reference either):
+``model``, ``decay``, ``usage_case``, ``max_steps``, and ``step``'s ``current_epoch``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Hashable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from jaxopt_suite.enhanced_sgd import transform as T
+from jaxopt_suite.lookahead import LookaheadState
+
+from . import dlpack
+from .optimizer import JaxOptimizer, _LazyState
+
+__all__ = ["EnhancedSGD"]
+
+# numeric options, traced (global); "lr" and "momentum" are per group
+_SCALARS = ("smoothing_factor", "noise_scale", "entropy_weight", "loss_correction_factor", "retention_weight",
+            "q_learning_rate", "q_discount", "q_epsilon", "q_epsilon_decay", "q_epsilon_min",
+            "q_initial_mix_prob", "lookahead_alpha")
+# structural options (static)
+_STATIC = ("lookahead_k", "apply_noise", "adaptive_momentum", "gradient_centering", "centering_axis",
+           "gradient_clipping", "gradient_retention", "gradient_buffer_size", "lr_scale_bounds",
+           "momentum_scale_bounds", "max_momentum", "spike_recovery_steps", "entropy_bins", "bayesian_init",
+           "bayesian_prior_std", "seed")
+_IGNORED = ("decay", "usage_case", "max_steps")
+# static options that only ``init`` reads: the compiled update does not depend on them
+_INIT_ONLY = ("bayesian_init", "bayesian_prior_std", "seed")
+_PER_PARAM_FIELDS = ("momentum_buffer", "retained")
+
+
+def _transformation(lrs, moms, scalars, static):
+    return T.enhanced_sgd(learning_rate=list(lrs), momentum=list(moms), **scalars, **dict(static))
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _init(params, lrs, moms, scalars, *, static):
+    return _transformation(lrs, moms, scalars, static).init(params)
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _step(state, params, grads, mask, lrs, moms, scalars, value, *, static):
+    tx = _transformation(lrs, moms, scalars, static)
+    extra = {} if value is None else {"value": value}
+    if mask is not None:
+        extra["grad_mask"] = mask
+    updates, state = tx.update(grads, state, params, **extra)
+    new_params = [(p + u).astype(p.dtype) for p, u in zip(params, updates)]
+    return new_params, state
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+class _ControllerView:
+    """Read-only view of the Q-learning controller (``opt.q_controller``), plus ``update_mix_prob``."""
+
+    def __init__(self, owner: "EnhancedSGD"):
+        self._owner = owner
+
+    def _state(self) -> T.EnhancedSGDState:
+        return T.find_enhanced_state(self._owner._ensure_state())
+
+    def _read(self, name):
+        return dlpack.to_torch(getattr(self._state(), name)).clone()
+
+    epsilon = property(lambda self: self._read("epsilon"))
+    mix_prob = property(lambda self: self._read("mix_prob"))
+    q_table = property(lambda self: self._read("q_table"))
+    lr_scale = property(lambda self: self._read("lr_scale"))
+    momentum_scale = property(lambda self: self._read("momentum_scale"))
+
+    def update_mix_prob(self, current_loss, epoch=None, decay_factor: float = 0.98, loss_threshold: float = 0.01):
+        """The reference's rule (see :func:`jaxopt_suite.enhanced_sgd.update_mix_prob`); ``epoch`` is ignored."""
+        del epoch
+        owner = self._owner
+        loss = owner._loss_to_jax(current_loss)
+        owner._jstate = T.update_mix_prob(owner._ensure_state(), loss, decay_factor=decay_factor,
+                                          loss_threshold=loss_threshold)
+        owner._stale = True
+
+
+class EnhancedSGD(JaxOptimizer):
+    """EnhancedSGD (see :func:`jaxopt_suite.enhanced_sgd` for the update rule), reference signature.
+
+    Positional arguments follow the reference implementation's order and defaults; options it did not have
+    are keyword-only. ``layer_type_scaling`` and ``grad_cam_scaling`` were never implemented there and raise
+    ``NotImplementedError``. ``seed=None`` draws the seed once from torch's global generator.
+    """
+
+    entry_name = "enhanced_sgd"
+
+    def __init__(self, params, model=None, lr=0.01, momentum=0.9, smoothing_factor=0.1, decay=0.99,
+                 usage_case="LLM", max_steps=100000, lookahead_k=5, lookahead_alpha=0.5, apply_noise=True,
+                 adaptive_momentum=True, layer_type_scaling=None, grad_cam_scaling=False, gradient_centering=True,
+                 noise_scale=1e-4, gradient_clipping=True, entropy_weight=0.1, gradient_buffer_size=100,
+                 loss_correction_factor=0.5, *, retention_weight=0.1, gradient_retention=True,
+                 q_learning_rate=0.1, q_discount=0.9, q_epsilon=0.5, q_epsilon_decay=0.995, q_epsilon_min=0.01,
+                 q_initial_mix_prob=0.8, lr_scale_bounds=(0.5, 1.5), momentum_scale_bounds=(0.9, 1.1),
+                 max_momentum=0.99, spike_recovery_steps=10, entropy_bins=100, centering_axis=0,
+                 bayesian_init=False, bayesian_prior_std=0.05, seed=None):
+        del model  # accepted for compatibility; unused (as in the reference)
+        if layer_type_scaling is not None:
+            raise NotImplementedError("layer_type_scaling is not implemented (it had no effect in the reference)")
+        if grad_cam_scaling:
+            raise NotImplementedError("grad_cam_scaling is not implemented (it had no effect in the reference)")
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+        options = dict(
+            smoothing_factor=smoothing_factor, noise_scale=noise_scale, entropy_weight=entropy_weight,
+            loss_correction_factor=loss_correction_factor, retention_weight=retention_weight,
+            q_learning_rate=q_learning_rate, q_discount=q_discount, q_epsilon=q_epsilon,
+            q_epsilon_decay=q_epsilon_decay, q_epsilon_min=q_epsilon_min, q_initial_mix_prob=q_initial_mix_prob,
+            lookahead_alpha=lookahead_alpha, lookahead_k=lookahead_k, apply_noise=apply_noise,
+            adaptive_momentum=adaptive_momentum, gradient_centering=gradient_centering,
+            centering_axis=centering_axis, gradient_clipping=gradient_clipping,
+            gradient_retention=gradient_retention, gradient_buffer_size=gradient_buffer_size,
+            lr_scale_bounds=tuple(lr_scale_bounds), momentum_scale_bounds=tuple(momentum_scale_bounds),
+            max_momentum=max_momentum, spike_recovery_steps=spike_recovery_steps, entropy_bins=entropy_bins,
+            bayesian_init=bayesian_init, bayesian_prior_std=bayesian_prior_std, seed=seed,
+        )
+        # validation (ValueError naming the argument) by building the transformation once
+        T.enhanced_sgd(learning_rate=lr, momentum=momentum, **options)
+        defaults = dict(lr=lr, momentum=momentum, decay=decay, usage_case=usage_case, max_steps=max_steps,
+                        **options)
+        self._jstate = None
+        self._stale = False
+        JaxOptimizer.__init__(self, params, defaults=defaults)
+        self._check_groups()
+
+    # ---- groups -------------------------------------------------------------------------------
+    def _check_groups(self):
+        for i, group in enumerate(self.param_groups):
+            for key in _SCALARS + _STATIC:
+                if _hashable(group.get(key)) != _hashable(self.defaults[key]):
+                    raise ValueError(f"EnhancedSGD: option {key!r} is global; param group {i} overrides it "
+                                     f"({group.get(key)!r} != {self.defaults[key]!r}). Only 'lr' and "
+                                     "'momentum' may differ per group.")
+            if not float(group["lr"]) > 0:
+                raise ValueError(f"Invalid learning rate: {group['lr']} (param group {i})")
+            if not 0 <= float(group["momentum"]) < 1:
+                raise ValueError(f"Invalid momentum value: {group['momentum']} (param group {i})")
+
+    def add_param_group(self, param_group: dict) -> None:
+        torch.optim.Optimizer.add_param_group(self, param_group)
+        self._check_groups()
+        if getattr(self, "_jstate", None) is not None:
+            self._export()
+            self._jstate = None  # rebuilt (with the new parameters) from the torch-side state
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _static(self, *, for_update: bool = False) -> tuple:
+        """Static options; for the compiled update, init-only ones are fixed so that seeds share it."""
+        defaults = {"bayesian_init": False, "bayesian_prior_std": 0.05, "seed": 0}
+        return tuple((k, defaults[k] if for_update and k in _INIT_ONLY else _hashable(self.defaults[k]))
+                     for k in _STATIC)
+
+    def _traced(self):
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 with x64 (like Python floats)
+        lrs, moms = [], []
+        for g in self.param_groups:
+            lrs += [jnp.asarray(float(g["lr"]), dtype)] * len(g["params"])
+            moms += [jnp.asarray(float(g["momentum"]), dtype)] * len(g["params"])
+        scalars = {k: jnp.asarray(float(self.defaults[k]), dtype) for k in _SCALARS}
+        return lrs, moms, scalars
+
+    def _loss_to_jax(self, loss):
+        if torch.is_tensor(loss):
+            t = loss.detach()
+            if t.dtype not in (torch.float32, torch.float64):
+                t = t.float()
+            if t.dtype == torch.float64 and not dlpack.x64_enabled():
+                t = t.float()
+            return dlpack.to_jax(t.reshape(()).contiguous())
+        return jnp.asarray(float(loss), jnp.float32)
+
+    # ---- JAX state <-> torch state ------------------------------------------------------------
+    def _ensure_state(self):
+        if self._jstate is None:
+            self._jstate = self._build_state()
+        return self._jstate
+
+    def _build_state(self):
+        params = self._params()
+        params_j = [dlpack.to_jax_copy(p.detach()) for p in params]
+        lrs, moms, scalars = self._traced()
+        state = _init(params_j, lrs, moms, scalars, static=self._static())
+        torch_state = [dict.get(self.state, p) or {} for p in params]
+        controller = dict.get(self.state, "controller")
+        if not any(torch_state) and not controller:
+            return state
+
+        def per_param(tree, key):
+            out = []
+            for leaf, st, p in zip(tree, torch_state, params):
+                if key in st:
+                    out.append(dlpack.to_jax_copy(st[key].detach().to(p.device).contiguous(), leaf.dtype))
+                else:
+                    out.append(leaf)
+            return out
+
+        def fix_inner(s: T.EnhancedSGDState):
+            fields = {"momentum_buffer": per_param(s.momentum_buffer, "momentum_buffer")}
+            if s.retained is not None:
+                fields["retained"] = per_param(s.retained, "retained")
+            for name in s._fields:
+                if name in _PER_PARAM_FIELDS or not controller or name not in controller:
+                    continue
+                ref = getattr(s, name)
+                fields[name] = jnp.asarray(np.asarray(controller[name].cpu()), ref.dtype).reshape(ref.shape)
+            return s._replace(**fields)
+
+        if isinstance(state, LookaheadState):
+            count = state.count
+            if controller and "lookahead_count" in controller:
+                count = jnp.asarray(np.asarray(controller["lookahead_count"].cpu()), count.dtype).reshape(())
+            return state._replace(count=count, slow=per_param(state.slow, "slow"),
+                                  inner_state=fix_inner(state.inner_state))
+        return fix_inner(state)
+
+    def _export(self):
+        """Write torch-format snapshots of the JAX state into ``self.state``."""
+        self._stale = False
+        if self._jstate is None:
+            return
+        state = self._jstate
+        inner = T.find_enhanced_state(state)
+        per_param = {"momentum_buffer": inner.momentum_buffer}
+        if inner.retained is not None:
+            per_param["retained"] = inner.retained
+        controller = {}
+        if isinstance(state, LookaheadState):
+            per_param["slow"] = state.slow
+            controller["lookahead_count"] = torch.from_numpy(np.array(state.count))
+        for i, p in enumerate(self._params()):
+            dict.__setitem__(self.state, p, {k: dlpack.to_torch(v[i]).clone() for k, v in per_param.items()})
+        for name in inner._fields:
+            if name in _PER_PARAM_FIELDS:
+                continue
+            controller[name] = torch.from_numpy(np.array(getattr(inner, name)))
+        dict.__setitem__(self.state, "controller", controller)
+
+    def _refresh_state(self):
+        if getattr(self, "_stale", False):
+            self._export()
+
+    # ---- torch.optim API ----------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        torch.optim.Optimizer.zero_grad(self, set_to_none)
+
+    def step(self, closure=None, current_epoch=1, *, value=None):
+        """One step. ``closure`` returns the loss; ``value=`` passes it directly; ``current_epoch`` is ignored."""
+        del current_epoch
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if value is None:
+            value = loss
+        params = self._params()
+        has_grad = [p.grad is not None for p in params]
+        if not any(has_grad):
+            return loss
+        with torch.no_grad():
+            state = self._ensure_state()
+            params_j = [dlpack.to_jax(p) for p in params]
+            grads_j = [dlpack.to_jax(p.grad) if h else jnp.zeros(p.shape, params_j[i].dtype)
+                       for i, (p, h) in enumerate(zip(params, has_grad))]
+            mask = None if all(has_grad) else [np.bool_(h) for h in has_grad]
+            lrs, moms, scalars = self._traced()
+            v = None if value is None else self._loss_to_jax(value)
+            new_params, self._jstate = _step(state, params_j, grads_j, mask, lrs, moms, scalars, v,
+                                             static=self._static(for_update=True))
+            for p, new in zip(params, new_params):
+                p.copy_(dlpack.to_torch(new))
+        self._stale = True
+        return loss
+
+    @property
+    def q_controller(self) -> _ControllerView:
+        return _ControllerView(self)
+
+    def bayesian_initialize_params(self):
+        """Redraw the controller's scales around their current values (the optimizer's own key advances)."""
+        d = self.defaults
+        self._jstate = T.bayesian_initialize(
+            self._ensure_state(), None, d["bayesian_prior_std"], lr_scale_bounds=d["lr_scale_bounds"],
+            momentum_scale_bounds=d["momentum_scale_bounds"], adaptive_momentum=d["adaptive_momentum"])
+        self._stale = True
+
+    def state_dict(self):
+        self._refresh_state()
+        return torch.optim.Optimizer.state_dict(self)
+
+    def load_state_dict(self, state_dict) -> None:
+        torch.optim.Optimizer.load_state_dict(self, state_dict)
+        controller = dict.get(self.state, "controller")
+        if controller:
+            dict.__setitem__(self.state, "controller", {k: torch.as_tensor(v).clone() for k, v in controller.items()})
+        self._jstate = None
+        self._stale = False
+
+    def __getstate__(self):
+        self._refresh_state()
+        return torch.optim.Optimizer.__getstate__(self)
+
+    def __setstate__(self, state) -> None:
+        torch.optim.Optimizer.__setstate__(self, state)
+        raw = self.state
+        self.state = _LazyState(self, dict.items(raw) if isinstance(raw, dict) else raw)
+        self.__dict__.setdefault("_jstate", None)
+        self.__dict__["_stale"] = False
+        self.__dict__.setdefault("_entry_name", self.entry_name)
+        self.__dict__.setdefault("flat", False)
+        self._init_runtime()
