@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping, Optional
 from .adam import adam, adamw
 from .adopt import adopt
 from .asgd import asgd
-from .enhanced_sgd import enhanced_sgd
-from .elra import elra
 from .autosgm import autosgm
+from .elra import elra
+from .enhanced_sgd import enhanced_sgd
 from .lookahead import lookahead_adam, lookahead_sgd
 from .sgd import sgd
 
