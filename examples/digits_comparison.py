@@ -298,13 +298,16 @@ def _factory_default(entry, name: str) -> Any:
 def torch_kwargs(entry, settings: Optional[Mapping[str, Any]] = None) -> dict:
     """Torch-style constructor arguments for ``entry``'s demo settings.
 
-    An entry may state them explicitly (``torch_demo_kwargs``); otherwise the JAX arguments
-    (``kwargs`` + ``demo_kwargs``) are renamed the way torch names them: ``learning_rate`` → ``lr`` and
+    An entry may state them explicitly (``torch_demo_kwargs``, plus the run's ``seed`` if ``settings`` has
+    one); otherwise the JAX arguments (``kwargs`` + ``demo_kwargs``) are renamed the way torch names them: ``learning_rate`` → ``lr`` and
     ``b1``/``b2`` → ``betas`` (a missing one takes the factory's default); other names pass unchanged.
     """
     explicit = getattr(entry, "torch_demo_kwargs", None)
     if explicit is not None:
-        return dict(explicit)
+        out = dict(explicit)
+        if settings is not None and "seed" in settings:  # the run's seed (demo_settings), as for the JAX row
+            out.setdefault("seed", settings["seed"])
+        return out
     merged = {**entry.kwargs, **(entry.demo_kwargs if settings is None else settings)}
     out = {_TORCH_RENAMES.get(k, k): v for k, v in merged.items() if k not in _BETA_NAMES}
     if any(b in merged for b in _BETA_NAMES):

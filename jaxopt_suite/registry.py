@@ -48,6 +48,9 @@ class OptimizerEntry:
       converge: per contract problem (``"parabola"``, ``"rosenbrock"``) the kwargs known to reach the
         target within 10,000 steps; missing problems are not claimed.
       demo_kwargs: settings for the digits MLP comparison (the main job).
+      torch_demo_kwargs: the torch-named constructor arguments of the demo's torch rows, when renaming
+        ``demo_kwargs`` would not mean the same thing there (e.g. a layout-dependent axis); ``None``: renamed
+        from ``demo_kwargs``. The demo adds its ``seed`` to stochastic entries either way.
       torch_class: the ``torch.optim`` class reproduced exactly, if any (``"Adam"``...).
       torch_bridge_class: name of the class in ``torch_bridge``.
       torch_state_keys: per-parameter state keys in the torch ``state_dict``.
@@ -70,6 +73,7 @@ class OptimizerEntry:
     hyperparams: tuple[str, ...] = ()
     converge: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=_frozen)
     demo_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=_frozen)
+    torch_demo_kwargs: Optional[Mapping[str, Any]] = None
     torch_class: Optional[str] = None
     torch_bridge_class: Optional[str] = None
     torch_state_keys: tuple[str, ...] = ()
@@ -373,7 +377,10 @@ register(OptimizerEntry(
                  "q_epsilon_decay", "q_epsilon_min", "lookahead_alpha"),
     # verified: both reach the target (atol 3e-2) in 10,000 steps with the defaults and seed 0
     converge={"parabola": {"learning_rate": 0.01}, "rosenbrock": {"learning_rate": 1e-3}},
-    demo_kwargs={"learning_rate": 0.05, "momentum": 0.9},
+    # Gradient centering keeps one output axis: flax kernels are (in, out), so the JAX row needs
+    # centering_axis=-1 to centre per output unit as the torch rows do with their (out, in) default of 0.
+    demo_kwargs={"learning_rate": 0.05, "momentum": 0.9, "centering_axis": -1},
+    torch_demo_kwargs=_frozen({"lr": 0.05, "momentum": 0.9, "centering_axis": 0}),
     torch_bridge_class="EnhancedSGD",
     torch_state_keys=("momentum_buffer", "retained", "slow"),
     supports_complex=False,

@@ -147,16 +147,28 @@ def gaussian_noise(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float3
     """Standard normal samples from a raw uint32 key, cheaper than ``jax.random.normal`` on CPU.
 
     Element ``i`` gets ``h = mix(mix(i + k0) ^ k1)`` (two rounds of a bijective 32-bit hash keyed by the
-    two key words), a uniform ``u = ((h >> 8) + ½)·2⁻²³ − 1 ∈ (−1, 1)`` on a 2²⁴-point grid and
-    ``ξ = √2·erfinv(u)``, the exact inverse normal CDF of that uniform (so |ξ| ≤ 5.6). Computed in float32
-    and cast to ``dtype``. The key must be a legacy raw key (``uint32[2]``). ``like``: an array whose
+    two key words) and ``ξ = normal_from_bits(h)`` (see there; always finite, |ξ| ≤ 5.42). Computed in
+    float32 and cast to ``dtype``. The key must be a legacy raw key (``uint32[2]``). ``like``: an array whose
     sharding the samples follow (the values do not depend on the sharding).
     """
     key = jnp.asarray(key)
     index = _flat_index(tuple(shape), like) if shape else jnp.zeros((), jnp.uint32)
     bits = _mix32(_mix32(index + key[0]) ^ key[1])
-    u = ((bits >> 8).astype(jnp.float32) + 0.5) * np.float32(2.0**-23) - 1.0
-    return (np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(u)).astype(dtype)
+    return normal_from_bits(bits).astype(dtype)
+
+
+def normal_from_bits(bits: jax.Array) -> jax.Array:
+    """float32 standard normal from uint32 random bits, through a uniform strictly inside (−1, 1).
+
+    With ``m = h >> 8 ∈ [0, 2²⁴)``: ``u = (2m + 1 − 2²⁴)·2⁻²⁴``, the midpoints of a 2²⁴-point grid on
+    (−1, 1), and ``ξ = √2·erfinv(u)``, the exact inverse normal CDF of that uniform. The odd integer
+    ``2m + 1 − 2²⁴`` has magnitude below 2²⁴, so it and its scaling by 2⁻²⁴ are exact in float32: |u| ≤ 1 − 2⁻²⁴
+    and |ξ| ≤ 5.42. (Forming ``m + ½`` in float32 instead rounds ``2²⁴ − ½`` up to 2²⁴, giving u = 1 and
+    ξ = +inf for one bit pattern in 2²⁴ — noise that would poison the parameters after the finiteness check.)
+    """
+    m = (jnp.asarray(bits, jnp.uint32) >> 8).astype(jnp.int32)
+    u = (2 * m + (1 - 2**24)).astype(jnp.float32) * np.float32(2.0**-24)
+    return np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(u)
 
 
 # --------------------------------------------------------------------------------------------------

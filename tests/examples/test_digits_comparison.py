@@ -94,6 +94,19 @@ def test_torch_kwargs_mapping():
     assert dc.torch_kwargs(registry.get("sgd")) == {"lr": 0.05, "momentum": 0.9}
 
 
+def test_explicit_torch_kwargs_keep_the_run_seed():
+    """``torch_demo_kwargs`` replace the renaming; the run's seed still reaches a stochastic torch row."""
+    entry = registry.OptimizerEntry(
+        name="t", factory=registry.get("enhanced_sgd").factory, family="enhanced_sgd", stochastic=True,
+        demo_kwargs={"learning_rate": 0.05, "centering_axis": -1},
+        torch_demo_kwargs={"lr": 0.05, "centering_axis": 0},
+    )
+    settings = dc.demo_settings(entry, dc.DemoConfig(seed=3))
+    assert settings == {"learning_rate": 0.05, "centering_axis": -1, "seed": 3}
+    assert dc.torch_kwargs(entry, settings) == {"lr": 0.05, "centering_axis": 0, "seed": 3}
+    assert dc.torch_kwargs(entry) == {"lr": 0.05, "centering_axis": 0}
+
+
 def test_parse_backends_and_selection():
     assert dc.parse_backends("jax,torch") == ("jax", "bridge", "torch.optim")
     assert dc.parse_backends("torch.optim") == ("torch.optim",)

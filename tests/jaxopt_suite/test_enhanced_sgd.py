@@ -233,6 +233,19 @@ def test_gaussian_noise_distribution():
     assert T.gaussian_noise(key, (3, 4), jnp.bfloat16).dtype == jnp.bfloat16
 
 
+def test_noise_is_finite_and_symmetric_at_the_extreme_bit_patterns():
+    """Every 32-bit pattern maps to a finite sample: the top grid point once rounded to u = 1 (ξ = +inf)."""
+    top = jnp.array([0xFFFFFF00, 0xFFFFFFFF], jnp.uint32)  # h >> 8 = 2²⁴ − 1
+    bottom = jnp.array([0x00000000, 0x000000FF], jnp.uint32)  # h >> 8 = 0
+    hi, lo = np.asarray(T.normal_from_bits(top)), np.asarray(T.normal_from_bits(bottom))
+    assert np.all(np.isfinite(hi)) and np.all(np.isfinite(lo))
+    np.testing.assert_array_equal(hi, -lo)  # the grid is symmetric about 0
+    assert 5.0 < hi[0] < 5.6
+    # the midpoints around 0 are ±2⁻²⁴·√(π/2), not 0
+    mid = np.asarray(T.normal_from_bits(jnp.array([0x7FFFFF00, 0x80000000], jnp.uint32)), np.float64)
+    np.testing.assert_allclose(mid, np.array([-1.0, 1.0]) * 2.0**-24 * math.sqrt(math.pi / 2), rtol=1e-4)
+
+
 def test_noise_is_applied_with_the_scale():
     g = {"w": jnp.zeros((40, 50))}
     opt = scale_by_enhanced_sgd(1.0, 0.0, noise_scale=0.5, gradient_retention=False, gradient_clipping=False,
