@@ -135,7 +135,9 @@ def cases() -> list[ParityCase]:
     for problem, steps in (("mlp", 40), ("digits_mlp", 30)):
         out.append(ParityCase(
             name=f"enhanced_sgd_full_vs_bridge_{problem}_f32", entry="enhanced_sgd", kwargs=FULL,
-            reference=_bridge(), problem=problem, dtype="float32", steps=steps, rtol=1e-6,
+            # the project's float32 JAX <-> bridge bar (1e-5 relative): the controller and the per-leaf noise
+            # turn last-ulp differences of the two layouts into ~1.5e-6 relative over 40 steps
+            reference=_bridge(), problem=problem, dtype="float32", steps=steps, rtol=1e-5,
             wrong=_bridge(seed=4), wrong_factor=10.0,
             note="controller, noise, retention, centering, clipping and lookahead, same seed",
         ))
