@@ -6,7 +6,14 @@ optimizers that tests, the torch bridge and the demo read.
 """
 
 from ._common import FlatLayout, get_hyperparams, zero_masked
-from .adam import AdamState, adam, adamw, scale_by_adam
+from .adam import (
+    AdamState,
+    DecoupledDecayState,
+    adam,
+    adamw,
+    apply_decoupled_weight_decay,
+    scale_by_adam,
+)
 from .autosgm import (
     AutoSGMState,
     autosgm,
@@ -38,6 +45,8 @@ __all__ = [
     "get_hyperparams",
     "zero_masked",
     "AdamState",
+    "DecoupledDecayState",
+    "apply_decoupled_weight_decay",
     "adam",
     "adamw",
     "scale_by_adam",
