@@ -233,8 +233,10 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             decay = _in(dtype, weight_decay) * w
             if wd_level == 0:
                 g = g + decay
-        m, grad_filter = lowpass(grad_filter, g, t, beta_i, gamma_i, eta_i, debias=debias,
-                                 one_minus_beta=one_minus("beta_i"), one_minus_gamma=one_minus("gamma_i"))
+        smoothing = lambda state: lowpass(state, g, t, beta_i, gamma_i, eta_i, debias=debias,  # noqa: E731
+                                          one_minus_beta=one_minus("beta_i"),
+                                          one_minus_gamma=one_minus("gamma_i"))
+        m, grad_filter_new = smoothing(grad_filter)
         if aoptlr:
             eps_t = _in(dtype, eps)
             shifted = g + eps_t
@@ -250,6 +252,13 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             v = v + _in(dtype, ratio) * decay
         if huber:
             v, huber_mean, huber_var = _huber(v, huber_mean, huber_var, beta_n, eps, one_minus("beta_n"))
+        if (estimated or huber) and not is_zero(gamma_i):
+            # v feeds several passes (state updates, per-tensor reductions, the step), so XLA stores it
+            # once. The smoothing state S_t is then formed from the old state after v exists: the barrier
+            # orders that in-place write after every read of S_{t-1}, so XLA needs no copy of the state.
+            v, old_filter = jax.lax.optimization_barrier((v, grad_filter))
+            _, grad_filter_new = smoothing(old_filter)
+        grad_filter = grad_filter_new
         alpha0 = _f32(learning_rate)
         win = jnp.float32(1.0) if window is None else _f32(window(count))
         if estimated:
@@ -259,21 +268,26 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             # pre-pole EMA states (they hold q; S = β·q is formed at the next step, see filters.lowpass)
             q_c = bn * wsq + one_minus_bn * (w * w)
             wsq = q_c
-            kappa = 1.0 + q_c
+            kappa = 1.0 + q_c  # κ (num_lrc 1, 2; the trust region α0·κ is formed in the reduction below)
             if num_lrc == 1:
                 q_p = bn * numerator + (alpha0_t * w) * v
-                a = jnp.minimum(jnp.abs(q_p), alpha0_t * kappa)
             elif num_lrc == 2:
                 z = w * v
                 q_r = _in(dtype, beta_a) * pcx + _in(dtype, one_minus("beta_a")) * jnp.abs(z)
                 pcx = q_r
                 clipped = jnp.sign(z) * jnp.minimum(jnp.abs(z), HUBER_CLIP * q_r)
                 q_p = bn * numerator + (alpha0_t * clipped) / kappa
-                a = jnp.minimum(jnp.abs(q_p), alpha0_t * kappa)
             else:
                 q_p = bn * numerator + one_minus_bn * ((alpha0_t * u) * u)
-                a = jnp.minimum(q_p, alpha0_t)
             numerator = q_p
+            # The reduction reads the stored states q_p and q_c and forms κ and the clip itself: without the
+            # barrier XLA:CPU shares κ (and the broadcast α0) with the q_p pass and writes them out as
+            # extra full-size arrays just to feed the reduction.
+            if num_lrc == 3:
+                a = jnp.minimum(jax.lax.optimization_barrier(q_p), alpha0_t)
+            else:
+                q_p_stored, q_c_stored, alpha0_r = jax.lax.optimization_barrier((q_p, q_c, alpha0_t))
+                a = jnp.minimum(jnp.abs(q_p_stored), alpha0_r * (1.0 + q_c_stored))
             # N = f32(N_state) + f32(0.9·mean(a)): the mean is formed in T, the smoother runs in float32.
             n_new = lr_num + ((1.0 - NUMERATOR_POLE) * jnp.mean(a)).astype(jnp.float32)
             lr_num = n_new * jnp.float32(NUMERATOR_POLE)
