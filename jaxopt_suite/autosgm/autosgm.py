@@ -233,8 +233,10 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             decay = _in(dtype, weight_decay) * w
             if wd_level == 0:
                 g = g + decay
-        m, grad_filter = lowpass(grad_filter, g, t, beta_i, gamma_i, eta_i, debias=debias,
-                                 one_minus_beta=one_minus("beta_i"), one_minus_gamma=one_minus("gamma_i"))
+        smoothing = lambda state: lowpass(state, g, t, beta_i, gamma_i, eta_i, debias=debias,  # noqa: E731
+                                          one_minus_beta=one_minus("beta_i"),
+                                          one_minus_gamma=one_minus("gamma_i"))
+        m, grad_filter_new = smoothing(grad_filter)
         if aoptlr:
             eps_t = _in(dtype, eps)
             shifted = g + eps_t
@@ -250,6 +252,13 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             v = v + _in(dtype, ratio) * decay
         if huber:
             v, huber_mean, huber_var = _huber(v, huber_mean, huber_var, beta_n, eps, one_minus("beta_n"))
+        # With the parcor numerators (num_lrc 1, 2) v feeds several passes (the numerator states, the
+        # per-tensor reduction, the step) and XLA stores it once. The smoothing state S_t (γ ≠ 0: the
+        # stored S_t is not the output q_t) is then formed after the reduction (see _after): S_{t−1} is
+        # read only by the pass that forms v, so its in-place update needs no copy of the old state.
+        late_filter = estimated and not is_zero(gamma_i)
+        if not late_filter:
+            grad_filter = grad_filter_new
         alpha0 = _f32(learning_rate)
         win = jnp.float32(1.0) if window is None else _f32(window(count))
         if estimated:
@@ -259,27 +268,37 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             # pre-pole EMA states (they hold q; S = β·q is formed at the next step, see filters.lowpass)
             q_c = bn * wsq + one_minus_bn * (w * w)
             wsq = q_c
-            kappa = 1.0 + q_c
+            kappa = 1.0 + q_c  # divides the clipped term of num_lrc 2 (the trust region α0·κ is formed below)
             if num_lrc == 1:
                 q_p = bn * numerator + (alpha0_t * w) * v
-                a = jnp.minimum(jnp.abs(q_p), alpha0_t * kappa)
             elif num_lrc == 2:
                 z = w * v
                 q_r = _in(dtype, beta_a) * pcx + _in(dtype, one_minus("beta_a")) * jnp.abs(z)
                 pcx = q_r
                 clipped = jnp.sign(z) * jnp.minimum(jnp.abs(z), HUBER_CLIP * q_r)
                 q_p = bn * numerator + (alpha0_t * clipped) / kappa
-                a = jnp.minimum(jnp.abs(q_p), alpha0_t * kappa)
             else:
                 q_p = bn * numerator + one_minus_bn * ((alpha0_t * u) * u)
-                a = jnp.minimum(q_p, alpha0_t)
             numerator = q_p
+            # a = min(|q_p|, α0·κ) (num_lrc 1, 2) or min(q_p, α0) (num_lrc 3). The reduction reads the stored
+            # states q_p, q_c and forms κ, α0·κ and the clip inside its own pass. The barrier keeps XLA from
+            # merging (CSE) these with the identical κ, 1 and α0 of the q_p pass: once shared, XLA:CPU writes
+            # κ and the broadcast constants out as extra full-size arrays just to feed the reduction.
+            if num_lrc == 3:
+                q_p_stored, alpha0_r = jax.lax.optimization_barrier((q_p, alpha0_t))
+                a = jnp.minimum(q_p_stored, alpha0_r)
+            else:
+                q_p_stored, q_c_stored, alpha0_r, one_r = jax.lax.optimization_barrier(
+                    (q_p, q_c, alpha0_t, jnp.ones((), dtype)))
+                a = jnp.minimum(jnp.abs(q_p_stored), alpha0_r * (one_r + q_c_stored))
             # N = f32(N_state) + f32(0.9·mean(a)): the mean is formed in T, the smoother runs in float32.
             n_new = lr_num + ((1.0 - NUMERATOR_POLE) * jnp.mean(a)).astype(jnp.float32)
             lr_num = n_new * jnp.float32(NUMERATOR_POLE)
             alpha = n_new * win
         else:
             alpha = alpha0 * win
+        if late_filter:
+            _, grad_filter = smoothing(_after(alpha, grad_filter))
         update = -(alpha.astype(dtype) * v)
         return (update.astype(dtype), t, grad_filter, moment, numerator, wsq, pcx, lr_num, huber_mean,
                 huber_var)
@@ -317,6 +336,18 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
         return out, new
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _after(token: jax.Array, value: jax.Array) -> jax.Array:
+    """``value`` unchanged, but computed after the scalar ``token`` exists (a data dependence for XLA).
+
+    ``(token != token) >> 1`` is always 0, which XLA cannot prove, so the select below never picks its
+    first branch and costs nothing per element; it only orders the consumer of ``value`` after
+    ``token``'s producers (XLA:CPU otherwise copies a donated buffer that is read and overwritten by
+    unordered passes).
+    """
+    never = jnp.right_shift((token != token).astype(jnp.int32), 1) != 0
+    return jnp.where(never, jnp.zeros_like(value), value)
 
 
 def _huber(v, mean, var, beta_n, eps, one_minus_bn):
