@@ -438,3 +438,73 @@ def batched_leaf_map(
     if not results:  # an empty tree: as many empty trees as fn has outputs
         return tuple(treedef.unflatten([]) for _ in fn(jnp.zeros((0,), jnp.int32), jnp.float32))
     return tuple(treedef.unflatten([r[k] for r in results]) for k in range(len(results[0])))
+
+
+# --------------------------------------------------------------------------------------------------
+# per-leaf scalars stacked in one vector (pytree layout): one state buffer instead of one per leaf
+# --------------------------------------------------------------------------------------------------
+
+#: Class attribute of a state ``NamedTuple`` naming its fields that hold per-leaf scalars stacked by
+#: :func:`stacked_leaf_scalars`. Code that maps state to parameters (the torch bridge) reads it to tell
+#: such a vector (entry ``i`` belongs to leaf ``i``) from a global state vector.
+STACKED_FIELDS_ATTR = "stacked_leaf_fields"
+
+
+def stacked_leaf_scalars(tree: PyTree, segments: Optional[FlatLayout], dtype: Any = jnp.int32, fill: Any = 0):
+    """Per-leaf scalars of ``tree`` kept together: one vector, entry ``i`` for leaf ``i`` of ``tree``.
+
+    In the pytree layout this is a single 1-D array of ``len(jax.tree.leaves(tree))`` entries (in leaf
+    order), so a jitted step has one small input and output buffer and one kernel for them, instead of
+    one 0-d buffer and kernel per leaf, which dominated the step overhead with hundreds of small tensors.
+    In the flat layout it is, as :func:`leaf_scalar`, a tree of per-segment vectors.
+    """
+    if segments is not None:
+        return jax.tree.map(lambda leaf: leaf_scalar(leaf, segments, dtype, fill), tree)
+    return jnp.full((len(jax.tree.leaves(tree)),), fill, dtype=dtype)
+
+
+def stacked_leaf_mask(grad_mask: Optional[PyTree], tree: PyTree) -> Optional[jax.Array]:
+    """``grad_mask`` (bool scalar per leaf of ``tree``, ``None`` meaning True) as one bool vector, or ``None``."""
+    if grad_mask is None:
+        return None
+    masks = jax.tree.leaves(leaf_masks(grad_mask, tree), is_leaf=lambda x: x is None)
+    if not masks:
+        return None
+    return jnp.stack([jnp.ones((), bool) if m is None else jnp.asarray(m, bool).reshape(()) for m in masks])
+
+
+def masked_stacked(grad_mask: Optional[PyTree], new: Any, old: Any, tree: PyTree,
+                   segments: Optional[FlatLayout] = None) -> Any:
+    """:func:`masked_tree` for state made by :func:`stacked_leaf_scalars`: ``old`` where the mask is False."""
+    if segments is not None:
+        return masked_tree(grad_mask, new, old, segments)
+    mask = stacked_leaf_mask(grad_mask, tree)
+    return new if mask is None else jnp.where(mask, new, old)
+
+
+def stacked_leaf_map(
+    fn: Callable[[jax.Array, Any], tuple[jax.Array, ...]],
+    stacked: Any,
+    dtypes: PyTree,
+    segments: Optional[FlatLayout] = None,
+) -> tuple[PyTree, ...]:
+    """Evaluate an elementwise ``fn(scalars, dtype) -> tuple of arrays`` on stacked per-leaf scalars.
+
+    ``stacked`` comes from :func:`stacked_leaf_scalars`; ``dtypes`` is a pytree giving each leaf's result
+    dtype. ``fn`` runs once per distinct dtype on the whole vector (a few entries per tensor, so one small
+    kernel), and leaf ``i`` gets entry ``i``; consumers fuse that indexing into their own loops. In the
+    flat layout it runs on each leaf's per-segment vector. Returns one pytree per output of ``fn``,
+    structured like ``dtypes``.
+    """
+    if segments is not None:
+        return batched_leaf_map(fn, stacked, dtypes, segments)
+    leaf_dtypes, treedef = jax.tree.flatten(dtypes)
+    by_dtype = {jnp.dtype(d): None for d in leaf_dtypes}
+    for dtype in by_dtype:
+        by_dtype[dtype] = tuple(fn(stacked, dtype))
+    if not leaf_dtypes:
+        return tuple(treedef.unflatten([]) for _ in fn(jnp.zeros((0,), jnp.int32), jnp.float32))
+    width = len(next(iter(by_dtype.values())))
+    return tuple(
+        treedef.unflatten([by_dtype[jnp.dtype(d)][k][i] for i, d in enumerate(leaf_dtypes)]) for k in range(width)
+    )

@@ -32,7 +32,9 @@ class AdamState(NamedTuple):
     """State of :func:`scale_by_adam`.
 
     Attributes:
-      count: per-leaf int32 step count ``t`` (torch's per-parameter ``step``).
+      count: per-leaf int32 step counts ``t`` (torch's per-parameter ``step``), stacked in one vector
+        in leaf order (:func:`~jaxopt_suite._common.stacked_leaf_scalars`; per-segment vectors in the
+        flat layout).
       mu: first moment ``m`` (torch ``exp_avg``).
       nu: second moment ``v`` (torch ``exp_avg_sq``).
       nu_max: running maximum of ``v`` with amsgrad (torch ``max_exp_avg_sq``), else ``None``.
@@ -42,6 +44,8 @@ class AdamState(NamedTuple):
     mu: Any
     nu: Any
     nu_max: Any
+
+    stacked_leaf_fields = ("count",)  # read through C.STACKED_FIELDS_ATTR
 
 
 def scale_by_adam(
@@ -56,17 +60,18 @@ def scale_by_adam(
 
     Bias corrections ``bc_i = 1 − β_i^t`` are formed as ``−expm1(t·log1p(−(1−β_i)))`` in float32 (float64
     for float64 leaves), which stays within a few ulp of torch's double-precision scalars. The update uses
-    their reciprocals, ``u = m / (√v · bc2^(-1/2) + ε) · bc1^(-1)``, computed for all leaves in one vector
-    (:func:`~jaxopt_suite._common.batched_leaf_map`): XLA forms these reciprocals for the divisions anyway, so
-    the result is bit-identical, but as one kernel instead of tiny kernels per leaf. Complex leaves are
-    treated as (real, imag) pairs, as torch does with ``view_as_real``.
+    their reciprocals, ``u = m / (√v · bc2^(-1/2) + ε) · bc1^(-1)``. The per-leaf counts are one vector
+    (:func:`~jaxopt_suite._common.stacked_leaf_scalars`), so the count increment and the corrections of all
+    leaves are one small kernel each (:func:`~jaxopt_suite._common.stacked_leaf_map`) rather than kernels
+    and state buffers per leaf; XLA forms these reciprocals for the divisions anyway, so the result is
+    bit-identical. Complex leaves are treated as (real, imag) pairs, as torch does with ``view_as_real``.
     """
     C.static_bool("amsgrad", amsgrad)
     c1, c2 = C.one_minus(b1), C.one_minus(b2)
 
     def init_fn(params):
         return AdamState(
-            count=jax.tree.map(lambda p: C.leaf_scalar(p, segments), params),
+            count=C.stacked_leaf_scalars(params, segments),
             mu=jax.tree.map(jnp.zeros_like, params),
             nu=jax.tree.map(jnp.zeros_like, params),
             nu_max=jax.tree.map(jnp.zeros_like, params) if amsgrad else None,
@@ -74,17 +79,17 @@ def scale_by_adam(
 
     def update_fn(updates, state, params=None, *, grad_mask=None, **extra_args):
         del params, extra_args
-        count = jax.tree.map(C.safe_increment, state.count)
+        count = jax.tree.map(C.safe_increment, state.count)  # one vector (pytree layout)
         nu_max_in = state.nu_max if amsgrad else jax.tree.map(lambda _: None, updates)
 
         def inverse_corrections(t, sd):
             # 1/bc1 and 1/√bc2: the reciprocals XLA would form anyway for the divisions below; computed
-            # for all leaves together (C.batched_leaf_map) instead of as tiny per-leaf kernels.
+            # for all leaves together instead of as tiny per-leaf kernels.
             return (1.0 / C.bias_correction_from(c1, t, sd),
                     jax.lax.rsqrt(C.bias_correction_from(c2, t, sd)))
 
         scalar_dtypes = jax.tree.map(lambda g: C.scalar_dtype_for(g.dtype), updates)
-        inv_bc1, inv_bc2_sqrt = C.batched_leaf_map(inverse_corrections, count, scalar_dtypes, segments)
+        inv_bc1, inv_bc2_sqrt = C.stacked_leaf_map(inverse_corrections, count, scalar_dtypes, segments)
 
         def one(g, m, v, vmax, inv_c1, inv_c2_sqrt):
             inv_c1 = C.per_element(inv_c1, segments)
@@ -107,8 +112,9 @@ def scale_by_adam(
         pick = lambda i: jax.tree.map(lambda _, r: r[i], updates, res)  # noqa: E731
         u, mu, nu = pick(0), pick(1), pick(2)
         nu_max = pick(3) if amsgrad else None
-        new = AdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
-        new = AdamState(*[C.masked_tree(grad_mask, n, o, segments) for n, o in zip(new, state)])
+        count = C.masked_stacked(grad_mask, count, state.count, updates, segments)
+        moments = [C.masked_tree(grad_mask, n, o, segments) for n, o in zip((mu, nu, nu_max), state[1:])]
+        new = AdamState(count, *moments)
         return u, new
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

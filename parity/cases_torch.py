@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxopt_suite._common import STACKED_FIELDS_ATTR
+
 from .references import TorchReference, optax_lookahead, optax_tx, po, po_lookahead, torch_adopt, torch_optim
 from .runner import ParityCase
 
@@ -248,11 +250,17 @@ def _skipped_leaf_unchanged_last(leaf, step, torch_steps):
 
 
 def _leaf_counts(state):
-    """The per-leaf step counters of an Adam chain state (the first state with a ``count`` dict)."""
+    """The per-leaf step counters of an Adam chain state, in the params' leaf order (sorted keys).
+
+    The first ``count`` that is a dict of per-leaf scalars, or a vector of them stacked in leaf order
+    (a field the state class lists in ``stacked_leaf_fields``).
+    """
     for s in state:
         count = getattr(s, "count", None)
         if isinstance(count, dict):
             return [count[k] for k in sorted(count)]
+        if count is not None and "count" in getattr(type(s), STACKED_FIELDS_ATTR, ()):
+            return list(np.asarray(count))
     raise AssertionError("no per-leaf counter in the state")
 
 

@@ -66,7 +66,10 @@ Unmapped per-parameter state fields are saved under their field path (e.g. ``"Sc
 unmapped global leaves under the group key ``"jax_state"``, so nothing is lost in a checkpoint. Entries
 with ``requires_value`` get the loss: from ``step(closure)`` (the closure's return value) or from
 ``step(value=loss)``; a missing loss raises. ``_state_value_to_torch`` converts per-param scalars
-(``step`` becomes a 0-d float32 tensor as in torch) and may be overridden.
+(``step`` becomes a 0-d float32 tensor as in torch) and may be overridden. Per-parameter subtrees of
+the JAX state are recognised by their structure (shaped like the params list), and so are the fields a
+state class lists in ``stacked_leaf_fields`` (one scalar per parameter stacked in one vector, see
+:func:`jaxopt_suite._common.stacked_leaf_scalars`): entry ``i`` is parameter ``i``'s value.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ import numpy as np
 import torch
 
 from jaxopt_suite import registry
-from jaxopt_suite._common import FlatLayout
+from jaxopt_suite._common import STACKED_FIELDS_ATTR, FlatLayout
 
 from . import dlpack
 
@@ -168,7 +171,12 @@ def _walk_state(node, params_def, path=(), out=None):
         return out
     if isinstance(node, tuple) and hasattr(node, "_fields"):
         for field in node._fields:
-            _walk_state(getattr(node, field), params_def, path + (f"{type(node).__name__}.{field}",), out)
+            child, child_path = getattr(node, field), path + (f"{type(node).__name__}.{field}",)
+            if _is_stacked(node, field, child, params_def):
+                # per-param scalars stacked in one vector: seen per parameter, entry i for param i
+                out.append((child_path, list(np.asarray(child)), True))
+            else:
+                _walk_state(child, params_def, child_path, out)
     elif isinstance(node, (tuple, list)):
         for i, child in enumerate(node):
             _walk_state(child, params_def, path + (str(i),), out)
@@ -189,15 +197,25 @@ def _rebuild_state(node, params_def, replacements, path=()):
     if isinstance(node, list) and jax.tree.structure(node) == params_def:
         return node
     if isinstance(node, tuple) and hasattr(node, "_fields"):
-        return type(node)(*[
-            _rebuild_state(getattr(node, f), params_def, replacements, path + (f"{type(node).__name__}.{f}",))
-            for f in node._fields
-        ])
+        children = []
+        for f in node._fields:
+            child = getattr(node, f)
+            new = _rebuild_state(child, params_def, replacements, path + (f"{type(node).__name__}.{f}",))
+            if _is_stacked(node, f, child, params_def) and isinstance(new, list):
+                new = jnp.stack([jnp.asarray(x, child.dtype).reshape(()) for x in new])
+            children.append(new)
+        return type(node)(*children)
     if isinstance(node, (tuple, list)):
         return type(node)(_rebuild_state(c, params_def, replacements, path + (str(i),)) for i, c in enumerate(node))
     if isinstance(node, dict):
         return {k: _rebuild_state(node[k], params_def, replacements, path + (str(k),)) for k in node}
     return node
+
+
+def _is_stacked(node, field: str, child, params_def) -> bool:
+    """Whether ``node.field`` holds one scalar per parameter stacked in a vector (``STACKED_FIELDS_ATTR``)."""
+    return (field in getattr(type(node), STACKED_FIELDS_ATTR, ())
+            and hasattr(child, "shape") and tuple(child.shape) == (params_def.num_leaves,))
 
 
 def _field_matches(path: tuple[str, ...], spec: str) -> bool:

@@ -130,6 +130,28 @@ def test_none_gradient_skips_leaf_like_torch():
         np.testing.assert_array_equal(np.asarray(getattr(old, field)[1]), np.asarray(getattr(nw, field)[1]))
 
 
+def test_step_counts_are_one_vector_in_leaf_order():
+    """Per-tensor counts live in one int32 vector (leaf order); a masked leaf keeps its entry."""
+    tx = adam(LR)
+    params = {"b": jnp.ones(2), "a": [jnp.ones((2, 3)), jnp.ones(4)]}  # leaf order: a[0], a[1], b
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    state = tx.init(params)
+    core = find_state(state, AdamState)
+    assert core.count.shape == (3,) and core.count.dtype == jnp.int32
+    # as many state buffers as optax.adam's: one count, then m and v per tensor
+    assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(optax.adam(LR).init(params)))
+    mask = {"b": True, "a": [True, False]}
+    step = jax.jit(lambda g, s, p, m: tx.update(g, s, p, grad_mask=m))
+    for _ in range(2):
+        u, state = step(grads, state, params, mask)
+    assert np.asarray(find_state(state, AdamState).count).tolist() == [2, 0, 2]
+    np.testing.assert_array_equal(np.asarray(u["a"][1]), 0.0)
+    # the first step of a[1] after being skipped is a first step (bias corrections at t = 1)
+    u_fresh, _ = tx.update(grads, tx.init(params), params)
+    u_late, _ = tx.update(grads, state, params)
+    np.testing.assert_array_equal(np.asarray(u_late["a"][1]), np.asarray(u_fresh["a"][1]))
+
+
 def test_flat_layout_matches_pytree():
     masks = lambda t: [True, t % 3 != 1]  # noqa: E731
     with precision("f64"):

@@ -266,6 +266,44 @@ def test_torch_state_dict_round_trip(x64):
     assert max_diff(m2, m3) <= 1e-13
 
 
+@pytest.mark.parametrize("flat", [True, False])
+def test_state_dict_round_trip_with_per_param_steps(x64, flat):
+    """torch -> bridge -> torch with different step counts per parameter (b skipped once)."""
+    torch.manual_seed(0)
+    start = [torch.randn(5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    params = [[torch.nn.Parameter(t.clone()) for t in start] for _ in range(3)]
+
+    def run(opt, pair, steps, skip_b=()):
+        a, b = pair
+        for step in range(steps):
+            opt.zero_grad()
+            loss = (a ** 2).sum() + (0 if step in skip_b else (b ** 3).sum())
+            loss.backward()
+            opt.step()
+
+    ref = torch.optim.Adam(params[0], lr=0.1, weight_decay=0.1, foreach=False)
+    run(ref, params[0], 3, skip_b=(1,))
+    with torch.no_grad():
+        for p, q in zip(params[1], params[0]):
+            p.copy_(q)
+    ours = tb.Adam(params[1], lr=0.1, weight_decay=0.1, flat=flat)
+    ours.load_state_dict(ref.state_dict())
+    run(ref, params[0], 2)
+    run(ours, params[1], 2)
+    for p, q in zip(params[0], params[1]):
+        assert torch.allclose(p, q, atol=1e-14, rtol=0)
+    assert [float(s["step"]) for s in ours.state_dict()["state"].values()] == [5.0, 4.0]
+    back = torch.optim.Adam(params[2], lr=0.1, weight_decay=0.1, foreach=False)
+    with torch.no_grad():
+        for p, q in zip(params[2], params[1]):
+            p.copy_(q)
+    back.load_state_dict(ours.state_dict())
+    run(ref, params[0], 2)
+    run(back, params[2], 2)
+    for p, q in zip(params[0], params[2]):
+        assert torch.allclose(p, q, atol=1e-14, rtol=0)
+
+
 def test_load_rejects_wrong_shapes():
     m1 = make_model()
     o1 = torch.optim.Adam(m1.parameters())
