@@ -624,19 +624,19 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
         # compiler contracts it to a fused multiply-add exactly as a plain axpy (and torch's add(alpha=))
         t = x.dtype
         x_a = x + lt(old - alpha, t) * go  # retrace without x_lastgood
-        base_ret = jnp.where(has_lastgood, xl, jnp.where(twice, x_a, x))
-        coef_ret = jnp.where(has_lastgood, -step, jnp.where(twice, -alpha, old - alpha))
         if beta is None:
+            base_ret = jnp.where(has_lastgood, xl, jnp.where(twice, x_a, x))
+            coef_ret = jnp.where(has_lastgood, -step, jnp.where(twice, -alpha, old - alpha))
             base = jnp.where(takes_g, x, base_ret)
             coef = jnp.where(takes_g, -step, coef_ret)
-            direction = ge  # the new g_old: equal to the old one on a retrace
-        else:
-            # heavy ball: x − (1−β)·step·g − β·step·m (the first call steps along g alone)
-            x1 = x + lt(-(1.0 - bt) * step, t) * ge
-            base = jnp.where(is_accept, x1, jnp.where(is_first, x, base_ret))
-            coef = jnp.where(is_accept, -bt * step, jnp.where(is_first, -step, coef_ret))
-            direction = jnp.where(is_accept, m, jnp.where(is_first, ge, go))
-        return jnp.where(takes_g | is_retrace, base + lt(coef, t) * direction, x)
+            # the new g_old: equal to the old one on a retrace
+            return jnp.where(takes_g | is_retrace, base + lt(coef, t) * ge, x)
+        # heavy ball: x − (1−β)·step·g − β·step·m (the first call steps along g alone); g_old is a separate
+        # buffer here, so each formula keeps its own single-use products
+        x_acc = (x + lt(-(1.0 - bt) * step, t) * ge) + lt(-bt * step, t) * m
+        x_acc = jnp.where(is_first, x + lt(-step, t) * ge, x_acc)
+        x_ret = jnp.where(has_lastgood, xl + lt(-step, t) * go, jnp.where(twice, x_a + lt(-alpha, t) * go, x_a))
+        return jnp.where(takes_g, x_acc, jnp.where(is_retrace, x_ret, x))
 
     moms = state.mom if beta is not None else jax.tree.map(lambda _: None, params)
     # without momentum g_step is the new g_old, equal to the old one on a retrace
