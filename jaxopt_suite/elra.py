@@ -24,7 +24,10 @@ floor ``1e-5·escape`` halves while consecutive retraces sit on it (the package 
 forever there).
 
 All control uses ``jnp.where`` and one ``lax.switch`` over {skip, collect-only, first step, accept,
-retrace}: no host synchronisation, works under ``jit``, ``vmap`` and with sharded parameters.
+retrace} that carries only scalars; the vector work is one element-wise pass per output (new parameters,
+``g_old``, ``x_lastgood``, collect buffer, momentum) selecting its formula by the scalar branch, after the
+few global reductions (finiteness, ⟨g, g_old⟩, ‖g‖). No host synchronisation; works under ``jit``,
+``vmap`` and with sharded parameters.
 
 References:
   A. Kleinsorge, S. Kupper, A. Fauck, F. Rothe, "ELRA: Exponential learning rate adaption gradient descent
@@ -36,7 +39,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -410,9 +412,12 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
         vl = jnp.asarray(valid_loss).astype(cd).reshape(())
         s["valid_loss"] = jnp.where(jnp.isfinite(vl), vl, s["valid_loss"])
 
-    # 2. is there a usable gradient?
+    # 2. is there a usable gradient? (x − x is 0 for finite x and NaN otherwise: one exact sum per leaf,
+    # fused into a reduction, checks finiteness without materialising a boolean array)
     g_leaves = jax.tree.leaves(grads)
-    finite_g = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in g_leaves])) if g_leaves else jnp.bool_(True)
+    finite_g = jnp.bool_(True)
+    for g in g_leaves:
+        finite_g = finite_g & jnp.isfinite(jnp.sum(g - g, dtype=_acc_dtype(g.dtype)))
     ok = ~jnp.asarray(force_retrace, bool) & jnp.isfinite(f) & finite_g
     half = bool(g_leaves) and all(jnp.dtype(g.dtype).itemsize == 2 for g in g_leaves)
     if half:
@@ -442,32 +447,6 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
     real["ncoll"] = jnp.zeros_like(s["ncoll"])
     real = _control(real, dnn=dnn, batch_size=batch_size, wd0=wd0)
 
-    def g_effective(use_coll=True):
-        """The gradient of a real call: the collected mean in DNN mode, else g (collects = 1 exactly).
-
-        ``use_coll=False``: the window holds this gradient alone (``g·1/1``, exactly g), so the collect
-        buffer is not read.
-        """
-        if not dnn or not use_coll:
-            return grads
-        return jax.tree.map(
-            lambda g, cg: jnp.where(collecting, jnp.where(first_in_window, g * c.astype(g.dtype),
-                                                            cg + c.astype(g.dtype) * g), g),
-            grads, state.coll_grad)
-
-    def decayed(g, rs):
-        """Weight decay added to the gradient (never on the DNN first call, where collects is unset)."""
-        wd_on = (rs["collects"] != 0) & has_g & (rs["wd"] != 0) & collecting
-
-        def coeff():
-            xnorm = _tree_norm(params, cd)
-            gnorm = jnp.where(rs["g_col"] > 0, rs["g_col"], _tree_norm(g, cd))
-            kappa = jnp.where(xnorm == 0, 0.0, (0.005 / jnp.where(xnorm == 0, 1.0, xnorm)) * gnorm)
-            return (rs["wd"] * kappa) * jnp.where(rs["increase"], 4.0, 2.0)
-
-        a = jax.lax.cond(wd_on, coeff, lambda: jnp.zeros((), cd))
-        return jax.tree.map(lambda gi, xi: jnp.where(wd_on, gi + a.astype(gi.dtype) * xi, gi), g, params), wd_on
-
     start = (f < 1.1 * real["init_f"]) if dnn else jnp.bool_(True)
     accept = start & (best_col < real["last_fmean"] + 5.0 * real["last_dev"] * real["dev_correction"]) & has_g
 
@@ -476,36 +455,85 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
     # a window of one gradient (the common case) does not need to read the collect buffer
     single = ~collecting | first_in_window
     branch = jnp.where((branch == _ACCEPT) & ~single, _ACCEPT_COLLECTED, branch) if dnn else branch
+    is_first = branch == _FIRST
+    is_accept = (branch == _ACCEPT) | (branch == _ACCEPT_COLLECTED)
+    takes_g = is_first | is_accept
 
-    def finish(d, x_new):
-        x_new = jax.tree.map(lambda n, p: jnp.asarray(n, dtype=p.dtype), x_new, params)
-        new = ElraState(**d)
-        return x_new, ElraState(*[None if o is None else jax.tree.map(
-            lambda n_, r: jnp.asarray(n_, dtype=r.dtype), n, o) for n, o in zip(new, state)])
+    # The vector work is element-wise with scalar coefficients: every output leaf is one fused pass that
+    # selects its formula by the (scalar) branch, and the reductions the scalar control needs run before
+    # it. (A conditional over the vector buffers would copy every buffer a branch passes through.)
+    def collected():
+        """The collected mean: g·c opens a window (exactly g when collects = 1), later calls add c·g; the
+        first call (collects unset) and MATH mode use g."""
+        if not dnn:
+            return grads
+
+        def g_window(g, cg):
+            cc = c.astype(g.dtype)
+            return jnp.where(collecting, jnp.where(first_in_window, g * cc, cg + cc * g), g)
+
+        return jax.tree.map(g_window, grads, state.coll_grad)
+
+    # weight decay joins the gradient of a real call (never on the DNN first call, where collects is unset)
+    wd_on = (real["collects"] != 0) & has_g & (real["wd"] != 0) & collecting
+
+    def decay_coeff():
+        xnorm = _tree_norm(params, cd)
+        # (built inside the branch so that the collected gradient is not materialised for it)
+        gnorm = jax.lax.cond(real["g_col"] > 0, lambda: real["g_col"], lambda: _tree_norm(collected(), cd))
+        kappa = jnp.where(xnorm == 0, 0.0, (0.005 / jnp.where(xnorm == 0, 1.0, xnorm)) * gnorm)
+        return (real["wd"] * kappa) * jnp.where(real["increase"], 4.0, 2.0)
+
+    a_wd = jax.lax.cond(wd_on & takes_g, decay_coeff, lambda: jnp.zeros((), cd))
+    g_eff = jax.tree.map(lambda gi, xi: jnp.where(wd_on, gi + a_wd.astype(gi.dtype) * xi, gi), collected(), params)
+
+    # reductions of a real step (their values are only used when the call takes the gradient)
+    if beta is None:
+        # the new g_old is the effective gradient on a real step (else the old one): written first, it
+        # is what the reductions and the parameter update read, so g_eff is never materialised separately
+        g_old = jax.tree.map(lambda ge, go: jnp.where(takes_g, ge, go), g_eff, state.g_old)
+        dot_g_gold = _tree_dot(g_old, state.g_old, cd)
+        norm_g = _tree_norm(g_old, cd)
+        g_step = g_old
+    else:
+        dot_g_gold = _tree_dot(g_eff, state.g_old, cd)
+        norm_g = _tree_norm(g_eff, cd)
+        g_step = g_eff
+        bt = jnp.asarray(beta).astype(cd)
+        mom_acc = jax.tree.map(lambda m, gi: (bt.astype(m.dtype) * m) + (1.0 - bt).astype(gi.dtype) * gi,
+                               state.mom, g_eff)
+
+        def projection():
+            ell_ = _tree_dot(g_eff, mom_acc, cd) / _tree_dot(mom_acc, mom_acc, cd)
+            return ell_, _tree_norm(jax.tree.map(lambda m: m * ell_.astype(m.dtype), mom_acc), cd)
+
+        ell, norm_proj = jax.lax.cond(is_accept, projection, lambda: (jnp.zeros((), cd), jnp.zeros((), cd)))
+
+    no_coef = dict(step=jnp.zeros((), cd), old=jnp.zeros((), cd))
+
+    def finish(d, coef):
+        d = {k: v for k, v in d.items() if k not in _TREE_FIELDS}
+        out = {k: jnp.asarray(v, dtype=s[k].dtype) for k, v in d.items()}
+        return out, {k: jnp.asarray(v, cd) for k, v in coef.items()}
 
     def br_skip():
         d = dict(s)
         d["skipped"] = s["skipped"] + 1
         d["last_moved"] = jnp.bool_(False)
         d["last_retrace"] = jnp.bool_(False)
-        return finish(d, params)
+        return finish(d, no_coef)
 
     def br_collect():
         d = dict(s)
         d["best_col"] = best_col
         d["coller"] = jnp.bool_(False)
         d["ncoll"] = ncoll1
-        if dnn:
-            d["coll_grad"] = jax.tree.map(
-                lambda g, cg: jnp.where(first_in_window, g * c.astype(g.dtype), cg + c.astype(g.dtype) * g),
-                grads, state.coll_grad)
         d["last_moved"] = jnp.bool_(False)
         d["last_retrace"] = jnp.bool_(False)
-        return finish(d, params)
+        return finish(d, no_coef)
 
     def br_first():
         d = dict(real)
-        g, _ = decayed(g_effective(use_coll=False), real)  # DNN: collects is unset on the first call
         d["sum_f"] = f
         d["last_f"] = f
         d["init_f"] = _pmax(f, jnp.asarray(log_floor, cd))
@@ -521,20 +549,14 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
         d["last_fmean"] = 1.1 * f
         d["last_dev"] = 0.3 * d["last_fmean"]
         d["init"] = jnp.bool_(False)
-        d["g_old"] = g
-        if beta is not None:
-            d["mom"] = g
-        n = _tree_norm(g, cd)
-        d["norm_g_old"] = n
-        d["g_col"] = n
-        x_new = _axpy(params, -real["alpha"], g)
+        d["norm_g_old"] = norm_g
+        d["g_col"] = norm_g
         d["last_moved"] = jnp.bool_(True)
         d["last_retrace"] = jnp.bool_(False)
-        return finish(d, x_new)
+        return finish(d, dict(step=real["alpha"], old=jnp.zeros((), cd)))
 
-    def br_accept(use_coll=True):
+    def br_accept():
         d = dict(real)
-        g, _ = decayed(g_effective(use_coll), real)
         d["dev_correction"] = _pmax(1.0, real["dev_correction"] * (1.0 / 1.05))
         n2 = real["step_cnt2"]
         n2f = n2.astype(cd)
@@ -546,39 +568,18 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
         dsf = 1.0 / (n2 - r2 + 1).astype(cd)
         d["last_fmean"] = jnp.where(early, d["sum_f"] * dsf, real["last_fmean"])
         d["last_dev"] = jnp.where(early, jnp.sqrt(d["sum_var"] * dsf) * 1.05 ** r2.astype(cd), real["last_dev"])
-        d["x_lastgood"] = params
         d["has_lastgood"] = jnp.bool_(True)
         d["last_f"] = f
         d["retrace"] = jnp.bool_(False)
-        dot = _tree_dot(g, real["g_old"], cd)
-        ng = _tree_norm(g, cd)
-        d = _alpha_accept(d, dot, ng, dnn=dnn, wf=wf)
+        d = _alpha_accept(d, dot_g_gold, norm_g, dnn=dnn, wf=wf)
         step = d["lr"] if dnn else d["alpha"]
-        if beta is None:
-            x_new = _axpy(params, -step, g)
-            d["g_old"] = g
-            d["norm_g_old"] = ng
-        else:
-            bt = jnp.asarray(beta).astype(cd)
-            x1 = _axpy(params, -(1.0 - bt) * step, g)
-            x_new = _axpy(x1, -bt * step, real["mom"])
-            mom = jax.tree.map(lambda m, gi: (bt.astype(m.dtype) * m) + (1.0 - bt).astype(gi.dtype) * gi,
-                               real["mom"], g)
-            ell = _tree_dot(g, mom, cd) / _tree_dot(mom, mom, cd)
-            g_old = jax.tree.map(lambda m: m * ell.astype(m.dtype), mom)
-            d["mom"] = mom
-            d["g_old"] = g_old
-            d["norm_g_old"] = _tree_norm(g_old, cd)
-        if dnn and not use_coll:
-            # the window is empty again and its buffer is dead: zeros instead of a passthrough copy
-            # (g·0 keeps g's sharding; g is finite on an accepted call)
-            d["coll_grad"] = jax.tree.map(lambda gi: gi * 0, grads)
+        d["norm_g_old"] = norm_g if beta is None else norm_proj
         d["escape"] = jnp.minimum(1.0, 2.0 * real["escape"])
         d["floor_retrace"] = jnp.bool_(False)
         d["coll_ggc"] = real["coll_ggc"] + d["norm_g_old"]
         d["last_moved"] = jnp.bool_(True)
         d["last_retrace"] = jnp.bool_(False)
-        return finish(d, x_new)
+        return finish(d, dict(step=step, old=jnp.zeros((), cd)))
 
     def br_retrace():
         d = dict(real)
@@ -594,29 +595,76 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
             d["escape"] = jnp.where(real["floor_retrace"], real["escape"] * 0.5, real["escape"])
         old = real["alpha"]
         d = _alpha_retrace(d, f, dnn=dnn)
-        alpha = d["alpha"]
         if dnn:
             d["floor_retrace"] = d["lr"] == 1e-5 * d["escape"]
-        step = d["lr"] if dnn else alpha
-        g_old = real["g_old"]
-
-        def without_lastgood():
-            # the second call already retraces: move back along g_old by the change of alpha
-            a32, o32 = alpha.astype(jnp.float32), old.astype(jnp.float32)
-            twice = ((a32 - o32) - a32) == 0
-            x_a = _axpy(params, old - alpha, g_old)
-            return _tree_where(twice, _axpy(x_a, -alpha, g_old), x_a)
-
-        x_new = _tree_where(real["has_lastgood"], _axpy(real["x_lastgood"], -step, g_old), without_lastgood())
+        step = d["lr"] if dnn else d["alpha"]
         d["coll_ggc"] = real["coll_ggc"] + real["norm_g_old"]
         d["last_moved"] = jnp.bool_(True)
         d["last_retrace"] = jnp.bool_(True)
-        return finish(d, x_new)
+        return finish(d, dict(step=step, old=old))
 
-    branches = [br_skip, br_collect, br_first, functools.partial(br_accept, False), br_retrace]
+    # the scalar state machine: one small conditional over scalars only
+    branches = [br_skip, br_collect, br_first, br_accept, br_retrace]
     if dnn:
-        branches.append(functools.partial(br_accept, True))
-    return jax.lax.switch(branch, branches)
+        branches.append(br_accept)
+    new, coef = jax.lax.switch(branch, branches)
+    step, old, alpha = coef["step"], coef["old"], new["alpha"]
+    is_retrace = branch == _RETRACE
+    has_lastgood = s["has_lastgood"]
+    # retrace on the second call (no x_lastgood yet): move back along g_old by the change of alpha, and
+    # once more by alpha when that change rounds to alpha in float32
+    a32, o32 = alpha.astype(jnp.float32), old.astype(jnp.float32)
+    twice = ((a32 - o32) - a32) == 0
+
+    def lt(v, dtype):
+        return jnp.asarray(v).astype(dtype)
+
+    def x_leaf(x, ge, go, xl, m):
+        # every moving call ends in one multiply-add base + coef·dir with a product used once, so the
+        # compiler contracts it to a fused multiply-add exactly as a plain axpy (and torch's add(alpha=))
+        t = x.dtype
+        x_a = x + lt(old - alpha, t) * go  # retrace without x_lastgood
+        if beta is None:
+            base_ret = jnp.where(has_lastgood, xl, jnp.where(twice, x_a, x))
+            coef_ret = jnp.where(has_lastgood, -step, jnp.where(twice, -alpha, old - alpha))
+            base = jnp.where(takes_g, x, base_ret)
+            coef = jnp.where(takes_g, -step, coef_ret)
+            # the new g_old: equal to the old one on a retrace
+            return jnp.where(takes_g | is_retrace, base + lt(coef, t) * ge, x)
+        # heavy ball: x − (1−β)·step·g − β·step·m (the first call steps along g alone); g_old is a separate
+        # buffer here, so each formula keeps its own single-use products
+        x_acc = (x + lt(-(1.0 - bt) * step, t) * ge) + lt(-bt * step, t) * m
+        x_acc = jnp.where(is_first, x + lt(-step, t) * ge, x_acc)
+        x_ret = jnp.where(has_lastgood, xl + lt(-step, t) * go, jnp.where(twice, x_a + lt(-alpha, t) * go, x_a))
+        return jnp.where(takes_g, x_acc, jnp.where(is_retrace, x_ret, x))
+
+    moms = state.mom if beta is not None else jax.tree.map(lambda _: None, params)
+    # without momentum g_step is the new g_old, equal to the old one on a retrace
+    x_new = jax.tree.map(x_leaf, params, g_step, state.g_old if beta is not None else g_step, state.x_lastgood,
+                         moms, is_leaf=lambda v: v is None)
+
+    if beta is None:
+        mom = None
+    else:
+        g_old = jax.tree.map(lambda ge, ma, go: jnp.where(is_first, ge, jnp.where(
+            is_accept, ma * ell.astype(ma.dtype), go)), g_eff, mom_acc, state.g_old)
+        mom = jax.tree.map(lambda ge, ma, m: jnp.where(is_first, ge, jnp.where(is_accept, ma, m)),
+                           g_eff, mom_acc, state.mom)
+    x_lastgood = jax.tree.map(lambda x, xl: jnp.where(is_accept, x, xl), params, state.x_lastgood)
+    if dnn:
+        def coll_leaf(g, cg):
+            cc = c.astype(g.dtype)
+            window = jnp.where(first_in_window, g * cc, cg + cc * g)
+            # an accepted single-gradient window leaves the buffer empty: zeros (g·0 keeps g's sharding)
+            return jnp.where(branch == _COLLECT, window, jnp.where(branch == _ACCEPT, g * 0, cg))
+
+        coll_grad = jax.tree.map(coll_leaf, grads, state.coll_grad)
+    else:
+        coll_grad = None
+
+    x_new = jax.tree.map(lambda n, p: jnp.asarray(n, dtype=p.dtype), x_new, params)
+    new.update(g_old=g_old, x_lastgood=x_lastgood, coll_grad=coll_grad, mom=mom)
+    return x_new, ElraState(**new)
 
 
 def _config(learning_rate, weight_decay, warmup, momentum, classes, batch_size, segments, params):

@@ -58,8 +58,16 @@ _PER_PARAM_KEYS = {"x_lastgood": "x_lastgood", "g_old": "g_old", "coll_grad": "c
 _warned_x64 = False
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(1,))
-def _bridge_step(grads, state, params, value, force, train_loss, valid_loss, scale, changed, boost, *, cfg):
+_VECTOR_FIELDS = ("g_old", "x_lastgood", "coll_grad", "mom")
+
+
+# ``spare`` (unused on purpose) holds the dead vector buffers of the previous call: donated, they receive
+# this call's new parameters and vector state. The state itself is read-only here, so XLA needs no copy to
+# protect values that are still read while outputs are written (donating the state made it copy buffers).
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(10,), keep_unused=True)
+def _bridge_step(grads, state, params, value, force, train_loss, valid_loss, scale, changed, boost, spare, *,
+                 cfg):
+    del spare
     kw = dict(cfg)
     if scale is not None:
         grads = [g * scale.astype(g.dtype) for g in grads]
@@ -235,6 +243,7 @@ class ELRA(JaxOptimizer):
         self._leaves: list = []  # _FlatLeaves / _SimpleLeaves in global-vector order of their params
         self._order: list = []  # trainable params in global-vector order
         self._jstate: Optional[ElraState] = None
+        self._spare = None  # dead buffers of the last call, donated to the next one
         self._changed = None
         self._calls = 0
         self._pending_train = None
@@ -303,6 +312,7 @@ class ELRA(JaxOptimizer):
         if self._needs_import:
             fresh = self._import_state(fresh)
         self._jstate = fresh
+        self._spare = self._fresh_spare(fresh)
         self._changed = jnp.asarray(False)
         self._needs_import = False
 
@@ -365,14 +375,34 @@ class ELRA(JaxOptimizer):
             self._pending_train = self._pending_valid = None
             sc = None if scale is None else _to_jax_scalar(scale, "scale")
             bs = self._boost if boost else None
+            old, spare, self._spare = self._jstate, self._spare, None
             x_new, self._jstate, self._changed, bs = _bridge_step(
-                self._jax_grads(), self._jstate, self._jax_params(), value, force, tl, vl, sc, self._changed, bs,
+                self._jax_grads(), old, self._jax_params(), value, force, tl, vl, sc, self._changed, bs, spare,
                 cfg=self._cfg)
             if boost and bs is not None:
                 self._boost = bs
             for lv, leaves in zip(self._leaves, self._split(x_new)):
                 lv.write(leaves)
+            # the old vector state and the written-back parameters are dead now: next call's outputs
+            self._spare = self._next_spare(old, x_new)
         self._calls += 1
+
+    def _fresh_spare(self, state: ElraState):
+        """Scratch buffers shaped like the vector state and the parameters (donated to the next step)."""
+        return (tuple(None if getattr(state, k) is None else jax.tree.map(jnp.zeros_like, getattr(state, k))
+                      for k in _VECTOR_FIELDS), [jnp.zeros_like(leaf) for leaf in self._jax_params()])
+
+    def _next_spare(self, old: ElraState, x_new):
+        live = {id(leaf) for leaf in jax.tree.leaves(self._jstate)}
+        if self._boost is not None:
+            live.update(id(leaf) for leaf in jax.tree.leaves(self._boost))
+
+        def dead(leaf):
+            # an output that JAX forwarded from an input must not be donated
+            return leaf if id(leaf) not in live else jnp.zeros_like(leaf)
+
+        return (tuple(None if getattr(old, k) is None else jax.tree.map(dead, getattr(old, k))
+                      for k in _VECTOR_FIELDS), [dead(leaf) for leaf in x_new])
 
     def _readopt(self):
         self._sync_state_to_torch()
