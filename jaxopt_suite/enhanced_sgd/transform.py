@@ -606,12 +606,11 @@ def scale_by_enhanced_sgd(
             new_state = jax.tree.map(lambda n, o: n.astype(o.dtype), new_state, state)
             return advance, hold, (buffers_in, retained_in), new_state
 
-        # The state: a select rather than lax.cond for the statistics, the controller and the retained
-        # average (a conditional copies the buffers it passes through). The momentum step and the updates
-        # run behind a conditional: XLA:CPU emits one output per loop kernel and would otherwise recompute
-        # the gradient pipeline (centering, clipping, noise, blend) inside the kernel of every consumer of
-        # the update, each reading the old momentum buffer after the new one overwrote it in place (which
-        # forces a copy of every buffer). Behind the conditional each is computed once.
+        # Statistics and controller state: a select rather than lax.cond (a conditional copies the buffers
+        # it passes through). The retained average, the momentum step and the update run behind the
+        # conditional: XLA:CPU emits one output per loop kernel and duplicates elementwise producers into
+        # each consumer, so outside it the lookahead kernel recomputed the whole pipeline (centering,
+        # clipping, noise, blend) from the old buffers, which then had to be copied before being overwritten.
         advance, hold, operands, stepped = step(state)
         skipped = state._replace(skipped=C.safe_increment(state.skipped))
         new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), stepped, skipped)
