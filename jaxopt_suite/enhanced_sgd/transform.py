@@ -550,36 +550,53 @@ def scale_by_enhanced_sgd(
                 w = jnp.asarray(retention_weight).astype(D)
                 inverse_bc = 1 / C.bias_correction_from(1.0 / gradient_buffer_size, jnp.maximum(n_ret, 1), D)
 
-            outs, buffers, retained = [], [], []
             lr_first = mom_first = None
-            for i, (g, m, b, r, lr, mu, s) in enumerate(zip(leaves, masks, buffers_in, retained_in, lrs, moms, sums)):
-                wd = _work_dtype(g.dtype)
+            per_leaf = []
+            for i, (lr, mu) in enumerate(zip(lrs, moms)):
                 lr_t = jnp.asarray(lr).astype(D) * lr_factor
                 mom_t = jnp.minimum(jnp.asarray(mu).astype(D) * mom_factor, max_momentum)
                 if i == 0:
                     lr_first, mom_first = lr_t, mom_t
-                x = _centre(g.astype(wd), gradient_centering, centering_axis, s.astype(wd))
+                per_leaf.append((lr_t, mom_t))
+
+            def processed(i):
+                """Leaf ``i``'s gradient after centering, clipping and noise (steps a–c), in its work dtype."""
+                g = leaves[i]
+                wd = _work_dtype(g.dtype)
+                x = _centre(g.astype(wd), gradient_centering, centering_axis, sums[i].astype(wd))
                 if gradient_clipping:
                     c = clip.astype(wd)
                     x = jnp.where(gv > 0, jnp.clip(x, -c, c), x)
                 if apply_noise:
                     x = x + jnp.asarray(noise_scale).astype(wd) * gaussian_noise(leaf_keys[i], g.shape, wd, like=g)
-                if gradient_retention:
-                    blend = (1 - w.astype(wd)) * x + w.astype(wd) * (r.astype(wd) * inverse_bc.astype(wd))
-                    x_hat = jnp.where(n_ret > 0, blend, x)
-                    r_new = jnp.where(insert, rho * r.astype(wd) + (1.0 - rho) * x, r.astype(wd)).astype(r.dtype)
-                    retained.append(C.where_mask(m, r_new, r))
-                else:
-                    x_hat = x
-                b_new = (mom_t.astype(wd) * b.astype(wd) + x_hat).astype(b.dtype)
-                u = (-lr_t.astype(wd) * b_new.astype(wd)).astype(g.dtype)
-                buffers.append(C.where_mask(m, b_new, b))
-                outs.append(u if m is None else jnp.where(m, u, jnp.zeros_like(u)))
+                return x
+
+            def advance(operands):
+                """Retention, momentum and update per leaf (steps d–e and 6)."""
+                bufs, rets = operands
+                new_bufs, new_rets, outs = [], [], []
+                for i, (g, m, b, r, (lr_t, mom_t)) in enumerate(zip(leaves, masks, bufs, rets, per_leaf)):
+                    wd = _work_dtype(g.dtype)
+                    x = processed(i)
+                    if gradient_retention:
+                        blend = (1 - w.astype(wd)) * x + w.astype(wd) * (r.astype(wd) * inverse_bc.astype(wd))
+                        r_new = jnp.where(insert, rho * r.astype(wd) + (1.0 - rho) * x, r.astype(wd))
+                        new_rets.append(C.where_mask(m, r_new.astype(r.dtype), r))
+                        x = jnp.where(n_ret > 0, blend, x)
+                    else:
+                        new_rets.append(r)
+                    b_new = (mom_t.astype(wd) * b.astype(wd) + x).astype(b.dtype)
+                    u = (-lr_t.astype(wd) * b_new.astype(wd)).astype(g.dtype)
+                    new_bufs.append(C.where_mask(m, b_new, b))
+                    outs.append(u if m is None else jnp.where(m, u, jnp.zeros_like(u)))
+                return new_bufs, new_rets, outs
+
+            def hold(operands):
+                bufs, rets = operands
+                return list(bufs), list(rets), [_zeros_like(g) for g in leaves]
 
             fields.update(
                 count=C.safe_increment(state.count), key=key,
-                momentum_buffer=treedef.unflatten(buffers),
-                retained=treedef.unflatten(retained) if gradient_retention else None,
                 retained_count=jnp.where(insert, C.safe_increment(n_ret), n_ret) if gradient_retention else n_ret,
                 last_lr=lr_first.astype(D), last_momentum=mom_first.astype(D), last_entropy=hn,
             )
@@ -587,16 +604,21 @@ def scale_by_enhanced_sgd(
                 fields["last_spike"] = jnp.zeros((), bool)
             new_state = state._replace(**fields)
             new_state = jax.tree.map(lambda n, o: n.astype(o.dtype), new_state, state)
-            return treedef.unflatten(outs), new_state
+            return advance, hold, (buffers_in, retained_in), new_state
 
-        def skip(state: EnhancedSGDState):
-            zeros = treedef.unflatten([_zeros_like(g) for g in leaves])
-            return zeros, state._replace(skipped=C.safe_increment(state.skipped))
-
-        # A select rather than lax.cond: under jit a conditional copies every state buffer it passes
-        # through, which costs more than computing the step and discarding it on the rare skipped step.
-        stepped, skipped = step(state), skip(state)
-        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), stepped, skipped)
+        # Statistics and controller state: a select rather than lax.cond (a conditional copies the buffers
+        # it passes through). The retained average, the momentum step and the update run behind the
+        # conditional: XLA:CPU emits one output per loop kernel and duplicates elementwise producers into
+        # each consumer, so outside it the lookahead kernel recomputed the whole pipeline (centering,
+        # clipping, noise, blend) from the old buffers, which then had to be copied before being overwritten.
+        advance, hold, operands, stepped = step(state)
+        skipped = state._replace(skipped=C.safe_increment(state.skipped))
+        new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), stepped, skipped)
+        new_buffers, new_retained, outs = jax.lax.cond(finite, advance, hold, operands)
+        new_state = new_state._replace(
+            momentum_buffer=treedef.unflatten(new_buffers),
+            retained=treedef.unflatten(new_retained) if gradient_retention else None)
+        return treedef.unflatten(outs), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
