@@ -311,9 +311,12 @@ class ELRA(JaxOptimizer):
         fresh = _bridge_init(params, cfg=self._cfg)
         if self._needs_import:
             fresh = self._import_state(fresh)
-        self._jstate = fresh
-        self._spare = self._fresh_spare(fresh)
-        self._changed = jnp.asarray(False)
+        # every input of the step committed to the parameters' device from the first call on: a mix of
+        # committed and uncommitted arrays is part of jit's cache key and compiled the step up to three times
+        device = self._device()
+        self._jstate = jax.device_put(fresh, device)
+        self._spare = jax.device_put(self._fresh_spare(fresh), device)
+        self._changed = jax.device_put(jnp.asarray(False), device)
         self._needs_import = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -387,6 +390,9 @@ class ELRA(JaxOptimizer):
             self._spare = self._next_spare(old, x_new)
         self._calls += 1
 
+    def _device(self):
+        return next(iter(self._jax_params()[0].devices()))
+
     def _fresh_spare(self, state: ElraState):
         """Scratch buffers shaped like the vector state and the parameters (donated to the next step)."""
         return (tuple(None if getattr(state, k) is None else jax.tree.map(jnp.zeros_like, getattr(state, k))
@@ -399,7 +405,7 @@ class ELRA(JaxOptimizer):
 
         def dead(leaf):
             # an output that JAX forwarded from an input must not be donated
-            return leaf if id(leaf) not in live else jnp.zeros_like(leaf)
+            return leaf if id(leaf) not in live else jax.device_put(jnp.zeros_like(leaf), leaf.sharding)
 
         return (tuple(None if getattr(old, k) is None else jax.tree.map(dead, getattr(old, k))
                       for k in _VECTOR_FIELDS), [dead(leaf) for leaf in x_new])
@@ -444,7 +450,7 @@ class ELRA(JaxOptimizer):
         if only_new:
             if self._changed is None or not bool(self._changed):
                 return None
-        self._changed = jnp.asarray(False)
+        self._changed = jax.device_put(jnp.asarray(False), self._device())
         flat = torch.cat([p.detach().reshape(-1) for p in self._order]).clone()
         return flat if device is None else flat.to(device)
 

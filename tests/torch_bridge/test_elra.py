@@ -465,3 +465,26 @@ def test_booster_returns_averaged_model():
         diff = flat_params(boosted) - flat_params(model)
         assert 0 < float(diff.abs().max()) < 1.0
     assert opt.get_boost_model(False) == (0, 0.0, None)
+
+
+def test_step_compiles_once():
+    """Every input of the jitted step is committed to the device from the first call on.
+
+    jit's cache key includes whether each argument is committed; the fresh state, the scratch buffers and the
+    outputs of the previous call used to differ in that, which compiled the step three times.
+    """
+    from torch_bridge import elra as bridge_elra
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.ReLU(), torch.nn.Linear(13, 3))  # unique shapes
+    opt = ELRA(model.parameters(), classes=10, batch_size=8)
+    x, y = torch.randn(32, 7), torch.randn(32, 3)
+    before = bridge_elra._bridge_step._cache_size()
+    for i in range(6):
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step(loss)
+        if i == 3:
+            assert opt.get_param(only_new=False) is not None  # resets the "changed" flag
+    assert bridge_elra._bridge_step._cache_size() - before == 1
