@@ -394,53 +394,6 @@ def componentwise(fn: Callable[..., Any], *arrays: jax.Array):
 
 
 # --------------------------------------------------------------------------------------------------
-# per-leaf scalars computed together (added for the pytree-layout step time; see benchmarks/adam_vs_optax.py)
-# --------------------------------------------------------------------------------------------------
-
-
-def batched_leaf_map(
-    fn: Callable[[jax.Array, Any], tuple[jax.Array, ...]],
-    scalars: PyTree,
-    dtypes: PyTree,
-    segments: Optional[FlatLayout] = None,
-) -> tuple[PyTree, ...]:
-    """Evaluate an elementwise ``fn(scalars, dtype) -> tuple of arrays`` on every leaf's scalar at once.
-
-    Per-leaf scalars (step counts) feed scalar work such as bias corrections. Written per leaf, XLA:CPU
-    compiles each expensive scalar op (``expm1``, ``divide``, ``rsqrt``) into its own tiny kernel per
-    leaf, which costs microseconds each and, with hundreds of tensors, a sizeable share of a step.
-    Here the scalars of all leaves sharing a result dtype are stacked into one vector, ``fn`` runs once
-    on it, and each leaf gets its entry back; consumers fuse that indexing into their own loops.
-
-    Args:
-      fn: elementwise in its first argument; returns a tuple of arrays shaped like it.
-      scalars: pytree of per-leaf scalars (0-d in the pytree layout).
-      dtypes: pytree with the same structure giving each leaf's result dtype (``fn``'s second argument).
-      segments: in the flat layout each leaf is evaluated on its own (one leaf per buffer there).
-
-    Returns:
-      One pytree per output of ``fn``, structured like ``scalars``.
-    """
-    leaves, treedef = jax.tree.flatten(scalars)
-    leaf_dtypes = treedef.flatten_up_to(dtypes)
-    results: list[Any] = [None] * len(leaves)
-    if segments is not None or len(leaves) < 2:
-        for i, (scalar, dtype) in enumerate(zip(leaves, leaf_dtypes)):
-            results[i] = tuple(fn(scalar, dtype))
-    else:
-        groups: dict[Any, list[int]] = {}
-        for i, dtype in enumerate(leaf_dtypes):
-            groups.setdefault(jnp.dtype(dtype), []).append(i)
-        for dtype, members in groups.items():
-            outputs = fn(jnp.stack([leaves[i] for i in members]), dtype)
-            for position, i in enumerate(members):
-                results[i] = tuple(out[position] for out in outputs)
-    if not results:  # an empty tree: as many empty trees as fn has outputs
-        return tuple(treedef.unflatten([]) for _ in fn(jnp.zeros((0,), jnp.int32), jnp.float32))
-    return tuple(treedef.unflatten([r[k] for r in results]) for k in range(len(results[0])))
-
-
-# --------------------------------------------------------------------------------------------------
 # per-leaf scalars stacked in one vector (pytree layout): one state buffer instead of one per leaf
 # --------------------------------------------------------------------------------------------------
 
@@ -496,15 +449,15 @@ def stacked_leaf_map(
     flat layout it runs on each leaf's per-segment vector. Returns one pytree per output of ``fn``,
     structured like ``dtypes``.
     """
-    if segments is not None:
-        return batched_leaf_map(fn, stacked, dtypes, segments)
-    leaf_dtypes, treedef = jax.tree.flatten(dtypes)
-    by_dtype = {jnp.dtype(d): None for d in leaf_dtypes}
-    for dtype in by_dtype:
-        by_dtype[dtype] = tuple(fn(stacked, dtype))
-    if not leaf_dtypes:
+    if segments is not None:  # one per-segment vector per flat leaf: fn runs on each
+        leaves, treedef = jax.tree.flatten(stacked)
+        outputs = [tuple(fn(v, d)) for v, d in zip(leaves, treedef.flatten_up_to(dtypes))]
+    else:
+        leaf_dtypes, treedef = jax.tree.flatten(dtypes)
+        by_dtype = {jnp.dtype(d): None for d in leaf_dtypes}
+        for dtype in by_dtype:
+            by_dtype[dtype] = tuple(fn(stacked, dtype))
+        outputs = [tuple(out[i] for out in by_dtype[jnp.dtype(d)]) for i, d in enumerate(leaf_dtypes)]
+    if not outputs:  # an empty tree: as many empty trees as fn has outputs
         return tuple(treedef.unflatten([]) for _ in fn(jnp.zeros((0,), jnp.int32), jnp.float32))
-    width = len(next(iter(by_dtype.values())))
-    return tuple(
-        treedef.unflatten([by_dtype[jnp.dtype(d)][k][i] for i, d in enumerate(leaf_dtypes)]) for k in range(width)
-    )
+    return tuple(treedef.unflatten([o[k] for o in outputs]) for k in range(len(outputs[0])))
