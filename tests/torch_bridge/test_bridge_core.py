@@ -12,13 +12,7 @@ import torch_bridge as tb
 from torch_bridge import dlpack
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # torch's intra-op threads spin against each other on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -20,13 +20,7 @@ import torch_bridge as tb
 STEPS = 100
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # torch's intra-op threads spin against each other on a loaded 2-core machine (30x slower here)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def bridge(name, **kw):
     return lambda params, flat=True: getattr(tb, name)(params, flat=flat, **kw)

@@ -11,12 +11,7 @@ import torch_bridge as tb
 from jaxopt_suite import _common as C
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed=0, dtype=torch.float32):
