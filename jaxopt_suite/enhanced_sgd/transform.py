@@ -130,6 +130,17 @@ def _zeros_like(x: jax.Array) -> jax.Array:
     return jax.lax.full_like(x, 0, sharding=jax.typeof(x).sharding)
 
 
+def _computed(x: jax.Array) -> jax.Array:
+    """True, as a value that XLA can only compute after ``x`` (it tests a bit of ``x``'s first element)."""
+    if x.size == 0 or E.explicit_spec() is not None:
+        # Under a mesh with explicit axes reading one element of a sharded array needs a declared
+        # collective; there the order is left to XLA (which may copy).
+        return jnp.ones((), bool)
+    first = x[(0,) * x.ndim]
+    itype = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[jnp.dtype(x.dtype).itemsize]
+    return (jax.lax.bitcast_convert_type(first, itype) | 1) != 0
+
+
 def _flat_index(shape: Sequence[int], like: Optional[jax.Array]) -> jax.Array:
     """uint32 row-major element index of an array of ``shape`` (sharded like ``like`` under an explicit mesh)."""
     spec = None if like is None else E.explicit_spec(like)
@@ -571,29 +582,33 @@ def scale_by_enhanced_sgd(
                     x = x + jnp.asarray(noise_scale).astype(wd) * gaussian_noise(leaf_keys[i], g.shape, wd, like=g)
                 return x
 
-            def advance(operands):
-                """Retention, momentum and update per leaf (steps d–e and 6)."""
-                bufs, rets = operands
+            def advance(bufs, rets):
+                """Retention, momentum and update per leaf (steps d–e and 6); a skipped step keeps every buffer."""
                 new_bufs, new_rets, outs = [], [], []
                 for i, (g, m, b, r, (lr_t, mom_t)) in enumerate(zip(leaves, masks, bufs, rets, per_leaf)):
                     wd = _work_dtype(g.dtype)
                     x = processed(i)
+                    if apply_noise:
+                        # Materialised once: its consumers (blend, insert) would each regenerate the noise.
+                        x = jax.lax.optimization_barrier(x)
+                    processed_x = x
+                    keep = finite if m is None else finite & m
                     if gradient_retention:
                         blend = (1 - w.astype(wd)) * x + w.astype(wd) * (r.astype(wd) * inverse_bc.astype(wd))
-                        r_new = jnp.where(insert, rho * r.astype(wd) + (1.0 - rho) * x, r.astype(wd))
-                        new_rets.append(C.where_mask(m, r_new.astype(r.dtype), r))
                         x = jnp.where(n_ret > 0, blend, x)
+                    b_new = jnp.where(keep, (mom_t.astype(wd) * b.astype(wd) + x).astype(b.dtype), b)
+                    if gradient_retention:
+                        # The insert reads one element of the new momentum buffer (an always-true test), so it
+                        # runs after the blend has read the old average, which it then overwrites in place;
+                        # without that order XLA copies the whole average first.
+                        r_new = rho * r.astype(wd) + (1.0 - rho) * processed_x
+                        new_rets.append(jnp.where(keep & insert & _computed(b_new), r_new.astype(r.dtype), r))
                     else:
                         new_rets.append(r)
-                    b_new = (mom_t.astype(wd) * b.astype(wd) + x).astype(b.dtype)
                     u = (-lr_t.astype(wd) * b_new.astype(wd)).astype(g.dtype)
-                    new_bufs.append(C.where_mask(m, b_new, b))
-                    outs.append(u if m is None else jnp.where(m, u, jnp.zeros_like(u)))
+                    new_bufs.append(b_new)
+                    outs.append(jnp.where(keep, u, jnp.zeros_like(u)))
                 return new_bufs, new_rets, outs
-
-            def hold(operands):
-                bufs, rets = operands
-                return list(bufs), list(rets), [_zeros_like(g) for g in leaves]
 
             fields.update(
                 count=C.safe_increment(state.count), key=key,
@@ -604,17 +619,13 @@ def scale_by_enhanced_sgd(
                 fields["last_spike"] = jnp.zeros((), bool)
             new_state = state._replace(**fields)
             new_state = jax.tree.map(lambda n, o: n.astype(o.dtype), new_state, state)
-            return advance, hold, (buffers_in, retained_in), new_state
+            return advance(buffers_in, retained_in), new_state
 
-        # Statistics and controller state: a select rather than lax.cond (a conditional copies the buffers
-        # it passes through). The retained average, the momentum step and the update run behind the
-        # conditional: XLA:CPU emits one output per loop kernel and duplicates elementwise producers into
-        # each consumer, so outside it the lookahead kernel recomputed the whole pipeline (centering,
-        # clipping, noise, blend) from the old buffers, which then had to be copied before being overwritten.
-        advance, hold, operands, stepped = step(state)
+        # Every field is selected (jnp.where) rather than branched on: a conditional copies the buffers it
+        # passes through, and its outputs must be materialised.
+        (new_buffers, new_retained, outs), stepped = step(state)
         skipped = state._replace(skipped=C.safe_increment(state.skipped))
         new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), stepped, skipped)
-        new_buffers, new_retained, outs = jax.lax.cond(finite, advance, hold, operands)
         new_state = new_state._replace(
             momentum_buffer=treedef.unflatten(new_buffers),
             retained=treedef.unflatten(new_retained) if gradient_retention else None)

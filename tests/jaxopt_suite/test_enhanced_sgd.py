@@ -623,7 +623,9 @@ def test_enhanced_sgd_is_lookahead_around_inner():
     jax.tree.map(np.testing.assert_array_equal, a, b)
     c, *_ = train(enhanced_sgd(lookahead_k=1, lookahead_alpha=1.0, seed=3), params, x, y, 22)
     d, *_ = train(scale_by_enhanced_sgd(seed=3), params, x, y, 22)
-    jax.tree.map(np.testing.assert_array_equal, c, d)
+    # k = 1, α = 1 is the inner step up to rounding: the fast weights become (θ + u) − θ added to θ, and XLA
+    # may contract θ − lr·b into one fused multiply-add in one program and not in the other (1-ulp steps).
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), c, d)
 
 
 def test_inject_hyperparams_matches():
