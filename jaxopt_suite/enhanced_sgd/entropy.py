@@ -52,13 +52,17 @@ def _leaf_masks(leaves: Sequence[jax.Array], leaf_mask: Optional[Sequence[Any]])
     return [None if m is None else jnp.asarray(m, bool) for m in leaf_mask]
 
 
-def leaf_summary(g: jax.Array):
+def leaf_summary(g: jax.Array, keep_axis: Optional[int] = None):
     """``(sum, min, max, all_finite)`` of one leaf in a single pass over its elements.
 
     One variadic reduction over the float values and their integer bit patterns: ``b ^ ((b >> w−1) & max)``
     orders finite floats like the floats themselves (so integer min/max give the float min/max without
     NaN-propagating float comparisons), and ``max(b & max) < bits(+inf)`` says that every element is finite.
     The sum is in at least float32; min and max are exact values of ``g`` (meaningless when not finite).
+
+    With ``keep_axis`` (a leaf with ``ndim ≥ 2``) the pass reduces every other axis first and a fifth value
+    is returned: the sum of each slice along ``keep_axis`` (Gradient Centralization's means come from the
+    same pass); the leaf's sum is then the sum of the slice sums.
     """
     work = jnp.promote_types(g.dtype, jnp.float32)
     itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(g.dtype).itemsize]
@@ -71,14 +75,19 @@ def leaf_summary(g: jax.Array):
         return x[0] + y[0], jnp.minimum(x[1], y[1]), jnp.maximum(x[2], y[2]), jnp.maximum(x[3], y[3])
 
     init = (jnp.zeros((), work), jnp.asarray(info.max, itype), jnp.asarray(info.min, itype), jnp.zeros((), itype))
-    total, kmin, kmax, mag = jax.lax.reduce((g.astype(work), key, key, magnitude), init, combine,
-                                            tuple(range(g.ndim)))
+    axes = tuple(a for a in range(g.ndim) if keep_axis is None or a != keep_axis % g.ndim)
+    total, kmin, kmax, mag = jax.lax.reduce((g.astype(work), key, key, magnitude), init, combine, axes)
+    slice_sums = None
+    if keep_axis is not None:
+        slice_sums = total
+        total, kmin, kmax, mag = jnp.sum(total), jnp.min(kmin), jnp.max(kmax), jnp.max(mag)
 
     def from_key(k):
         return jax.lax.bitcast_convert_type(k ^ ((k >> (info.bits - 1)) & info.max), g.dtype)
 
     inf_bits = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, g.dtype), itype)
-    return total, from_key(kmin), from_key(kmax), mag < inf_bits
+    summary = (total, from_key(kmin), from_key(kmax), mag < inf_bits)
+    return summary if keep_axis is None else summary + (slice_sums,)
 
 
 def value_range(leaves: Sequence[jax.Array], leaf_mask: Optional[Sequence[Any]] = None, summaries=None):

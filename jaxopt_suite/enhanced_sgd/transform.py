@@ -261,12 +261,25 @@ def _per_leaf(value: Any, treedef: Any) -> list:
     return treedef.flatten_up_to(value)
 
 
-def _centre(g: jax.Array, mode: Any, axis: int, leaf_sum: jax.Array) -> jax.Array:
-    """Gradient centering: ``True`` per output slice (ndim ≥ 2), ``'all'`` whole tensor (size > 1)."""
-    if mode is True and g.ndim >= 2:
+def _slice_centred(g: jax.Array, mode: Any) -> bool:
+    """Whether leaf ``g`` is centred per output slice (``gradient_centering=True``, ``ndim ≥ 2``)."""
+    return mode is True and g.ndim >= 2
+
+
+def _centre(g: jax.Array, mode: Any, axis: int, leaf_sum: jax.Array,
+            slice_sums: Optional[jax.Array] = None) -> jax.Array:
+    """Gradient centering: ``True`` per output slice (ndim ≥ 2), ``'all'`` whole tensor (size > 1).
+
+    ``slice_sums``: the sums of the slices along ``axis`` (from :func:`entropy.leaf_summary`), when known.
+    """
+    if _slice_centred(g, mode):
         keep = axis % g.ndim
-        axes = tuple(a for a in range(g.ndim) if a != keep)
-        return g - jnp.mean(g, axis=axes, keepdims=True)
+        if slice_sums is None:
+            axes = tuple(a for a in range(g.ndim) if a != keep)
+            return g - jnp.mean(g, axis=axes, keepdims=True)
+        shape = [1] * g.ndim
+        shape[keep] = g.shape[keep]
+        return g - (slice_sums.astype(g.dtype) / (g.size // g.shape[keep])).reshape(shape)
     if mode == "all" and g.size > 1:
         return g - (leaf_sum / g.size).astype(g.dtype)
     return g
@@ -500,7 +513,11 @@ def scale_by_enhanced_sgd(
         f = None if value is None else jnp.asarray(value).astype(D)
 
         # Pass 1 over the gradients: sums, finiteness and range (one variadic reduction per leaf).
-        summaries = [E.leaf_summary(g) for g in leaves]
+        # Leaves centred per output slice get their slice sums from the same pass.
+        summaries = [E.leaf_summary(g, centering_axis if _slice_centred(g, gradient_centering) else None)
+                     for g in leaves]
+        slice_sums = [s[4] if len(s) > 4 else None for s in summaries]
+        summaries = [s[:4] for s in summaries]
         sums, finite = [], jnp.ones((), bool)
         count_n = jnp.zeros((), D)
         for g, m, (s, _, _, ok) in zip(leaves, masks, summaries):
@@ -574,7 +591,7 @@ def scale_by_enhanced_sgd(
                 """Leaf ``i``'s gradient after centering, clipping and noise (steps a–c), in its work dtype."""
                 g = leaves[i]
                 wd = _work_dtype(g.dtype)
-                x = _centre(g.astype(wd), gradient_centering, centering_axis, sums[i].astype(wd))
+                x = _centre(g.astype(wd), gradient_centering, centering_axis, sums[i].astype(wd), slice_sums[i])
                 if gradient_clipping:
                     c = clip.astype(wd)
                     x = jnp.where(gv > 0, jnp.clip(x, -c, c), x)
