@@ -604,10 +604,12 @@ def scale_by_enhanced_sgd(
                 new_bufs, new_rets, outs = [], [], []
                 for i, (g, m, b, r, (lr_t, mom_t)) in enumerate(zip(leaves, masks, bufs, rets, per_leaf)):
                     wd = _work_dtype(g.dtype)
-                    x = processed(i)
-                    if apply_noise:
-                        # Materialised once: its consumers (blend, insert) would each regenerate the noise.
-                        x = jax.lax.optimization_barrier(x)
+                    if apply_noise and gradient_retention:
+                        # Materialised once, as the output of a conditional: XLA:CPU would otherwise evaluate
+                        # the noise's polynomial again in each of its two consumers (blend and insert).
+                        x = jax.lax.cond(finite, lambda: processed(i), lambda: _zeros_like(g).astype(wd))
+                    else:
+                        x = processed(i)
                     processed_x = x
                     keep = finite if m is None else finite & m
                     if gradient_retention:
