@@ -393,6 +393,19 @@ def componentwise(fn: Callable[..., Any], *arrays: jax.Array):
     return jax.lax.complex(re, im)
 
 
+def ordered_after(token: jax.Array, value: Any) -> Any:
+    """``value`` unchanged, but computed after the scalar ``token`` exists (a data dependence for XLA).
+
+    ``(token != token) >> 1`` is always 0 (NaN tokens included), which XLA cannot prove, so the select
+    below never picks its first branch and costs nothing per element; it only orders the consumer of
+    ``value`` after ``token``'s producers. XLA:CPU otherwise copies a donated buffer that one pass reads
+    and another, unordered, pass overwrites in place; making the overwriting pass depend on a scalar
+    produced by (or after) the reading pass removes the copy.
+    """
+    never = jnp.right_shift((jnp.asarray(token) != token).astype(jnp.int32), 1) != 0
+    return jnp.where(never, jnp.zeros_like(value), value)
+
+
 # --------------------------------------------------------------------------------------------------
 # per-leaf scalars stacked in one vector (pytree layout): one state buffer instead of one per leaf
 # --------------------------------------------------------------------------------------------------

@@ -254,7 +254,7 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             v, huber_mean, huber_var = _huber(v, huber_mean, huber_var, beta_n, eps, one_minus("beta_n"))
         # With the parcor numerators (num_lrc 1, 2) v feeds several passes (the numerator states, the
         # per-tensor reduction, the step) and XLA stores it once. The smoothing state S_t (γ ≠ 0: the
-        # stored S_t is not the output q_t) is then formed after the reduction (see _after): S_{t−1} is
+        # stored S_t is not the output q_t) is then formed after the reduction (C.ordered_after): S_{t−1} is
         # read only by the pass that forms v, so its in-place update needs no copy of the old state.
         late_filter = estimated and not is_zero(gamma_i)
         if not late_filter:
@@ -298,7 +298,7 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
         else:
             alpha = alpha0 * win
         if late_filter:
-            _, grad_filter = smoothing(_after(alpha, grad_filter))
+            _, grad_filter = smoothing(C.ordered_after(alpha, grad_filter))
         update = -(alpha.astype(dtype) * v)
         return (update.astype(dtype), t, grad_filter, moment, numerator, wsq, pcx, lr_num, huber_mean,
                 huber_var)
@@ -336,18 +336,6 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
         return out, new
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _after(token: jax.Array, value: jax.Array) -> jax.Array:
-    """``value`` unchanged, but computed after the scalar ``token`` exists (a data dependence for XLA).
-
-    ``(token != token) >> 1`` is always 0, which XLA cannot prove, so the select below never picks its
-    first branch and costs nothing per element; it only orders the consumer of ``value`` after
-    ``token``'s producers (XLA:CPU otherwise copies a donated buffer that is read and overwritten by
-    unordered passes).
-    """
-    never = jnp.right_shift((token != token).astype(jnp.int32), 1) != 0
-    return jnp.where(never, jnp.zeros_like(value), value)
 
 
 def _huber(v, mean, var, beta_n, eps, one_minus_bn):

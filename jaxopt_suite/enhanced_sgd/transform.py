@@ -130,15 +130,16 @@ def _zeros_like(x: jax.Array) -> jax.Array:
     return jax.lax.full_like(x, 0, sharding=jax.typeof(x).sharding)
 
 
-def _computed(x: jax.Array) -> jax.Array:
-    """True, as a value that XLA can only compute after ``x`` (it tests a bit of ``x``'s first element)."""
+def _first_element(x: jax.Array) -> Optional[jax.Array]:
+    """``x``'s first element, a scalar that exists only once ``x`` is computed (an order token for
+    :func:`~jaxopt_suite._common.ordered_after`); ``None`` where none is taken.
+
+    Under a mesh with explicit axes reading one element of a sharded array needs a declared collective;
+    there the order is left to XLA (which may copy).
+    """
     if x.size == 0 or E.explicit_spec() is not None:
-        # Under a mesh with explicit axes reading one element of a sharded array needs a declared
-        # collective; there the order is left to XLA (which may copy).
-        return jnp.ones((), bool)
-    first = x[(0,) * x.ndim]
-    itype = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[jnp.dtype(x.dtype).itemsize]
-    return (jax.lax.bitcast_convert_type(first, itype) | 1) != 0
+        return None
+    return x[(0,) * x.ndim]
 
 
 def _flat_index(shape: Sequence[int], like: Optional[jax.Array]) -> jax.Array:
@@ -617,11 +618,13 @@ def scale_by_enhanced_sgd(
                         x = jnp.where(n_ret > 0, blend, x)
                     b_new = jnp.where(keep, (mom_t.astype(wd) * b.astype(wd) + x).astype(b.dtype), b)
                     if gradient_retention:
-                        # The insert reads one element of the new momentum buffer (an always-true test), so it
-                        # runs after the blend has read the old average, which it then overwrites in place;
-                        # without that order XLA copies the whole average first.
+                        # The insert is ordered after the new momentum buffer (it depends on one element of
+                        # it), so it runs after the blend has read the old average, which it then overwrites
+                        # in place; without that order XLA copies the whole average first.
                         r_new = rho * r.astype(wd) + (1.0 - rho) * processed_x
-                        new_rets.append(jnp.where(keep & insert & _computed(b_new), r_new.astype(r.dtype), r))
+                        r_new = jnp.where(keep & insert, r_new.astype(r.dtype), r)
+                        token = _first_element(b_new)
+                        new_rets.append(r_new if token is None else C.ordered_after(token, r_new))
                     else:
                         new_rets.append(r)
                     u = (-lr_t.astype(wd) * b_new.astype(wd)).astype(g.dtype)
