@@ -53,16 +53,16 @@ def _leaf_masks(leaves: Sequence[jax.Array], leaf_mask: Optional[Sequence[Any]])
 
 
 def leaf_summary(g: jax.Array, keep_axis: Optional[int] = None):
-    """``(sum, min, max, all_finite)`` of one leaf in a single pass over its elements.
+    """``(sum, min, max, all_finite, slice_sums)`` of one leaf in a single pass over its elements.
 
     One variadic reduction over the float values and their integer bit patterns: ``b ^ ((b >> w−1) & max)``
     orders finite floats like the floats themselves (so integer min/max give the float min/max without
     NaN-propagating float comparisons), and ``max(b & max) < bits(+inf)`` says that every element is finite.
     The sum is in at least float32; min and max are exact values of ``g`` (meaningless when not finite).
 
-    With ``keep_axis`` (a leaf with ``ndim ≥ 2``) the pass reduces every other axis first and a fifth value
-    is returned: the sum of each slice along ``keep_axis`` (Gradient Centralization's means come from the
-    same pass); the leaf's sum is then the sum of the slice sums.
+    ``slice_sums`` is ``None`` unless ``keep_axis`` is given (a leaf with ``ndim ≥ 2``): then the pass
+    reduces every other axis first, ``slice_sums`` holds the sum of each slice along ``keep_axis``
+    (Gradient Centralization's means come from the same pass), and the leaf's sum is their sum.
     """
     work = jnp.promote_types(g.dtype, jnp.float32)
     itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(g.dtype).itemsize]
@@ -86,8 +86,7 @@ def leaf_summary(g: jax.Array, keep_axis: Optional[int] = None):
         return jax.lax.bitcast_convert_type(k ^ ((k >> (info.bits - 1)) & info.max), g.dtype)
 
     inf_bits = jax.lax.bitcast_convert_type(jnp.asarray(jnp.inf, g.dtype), itype)
-    summary = (total, from_key(kmin), from_key(kmax), mag < inf_bits)
-    return summary if keep_axis is None else summary + (slice_sums,)
+    return total, from_key(kmin), from_key(kmax), mag < inf_bits, slice_sums
 
 
 def value_range(leaves: Sequence[jax.Array], leaf_mask: Optional[Sequence[Any]] = None, summaries=None):
@@ -95,7 +94,7 @@ def value_range(leaves: Sequence[jax.Array], leaf_mask: Optional[Sequence[Any]] 
     los, his = [], []
     if summaries is None:
         summaries = [leaf_summary(g) for g in leaves]
-    for (_, lo, hi, _), m in zip(summaries, _leaf_masks(leaves, leaf_mask)):
+    for (_, lo, hi, _, _), m in zip(summaries, _leaf_masks(leaves, leaf_mask)):
         lo = lo.astype(jnp.float32)
         hi = hi.astype(jnp.float32)
         if m is not None:

@@ -268,16 +268,14 @@ def _slice_centred(g: jax.Array, mode: Any) -> bool:
 
 
 def _centre(g: jax.Array, mode: Any, axis: int, leaf_sum: jax.Array,
-            slice_sums: Optional[jax.Array] = None) -> jax.Array:
+            slice_sums: Optional[jax.Array]) -> jax.Array:
     """Gradient centering: ``True`` per output slice (ndim ≥ 2), ``'all'`` whole tensor (size > 1).
 
-    ``slice_sums``: the sums of the slices along ``axis`` (from :func:`entropy.leaf_summary`), when known.
+    ``leaf_sum`` and ``slice_sums`` (the sums of the slices along ``axis``; ``None`` for leaves not
+    centred per slice) come from :func:`entropy.leaf_summary`.
     """
     if _slice_centred(g, mode):
         keep = axis % g.ndim
-        if slice_sums is None:
-            axes = tuple(a for a in range(g.ndim) if a != keep)
-            return g - jnp.mean(g, axis=axes, keepdims=True)
         shape = [1] * g.ndim
         shape[keep] = g.shape[keep]
         return g - (slice_sums.astype(g.dtype) / (g.size // g.shape[keep])).reshape(shape)
@@ -517,11 +515,10 @@ def scale_by_enhanced_sgd(
         # Leaves centred per output slice get their slice sums from the same pass.
         summaries = [E.leaf_summary(g, centering_axis if _slice_centred(g, gradient_centering) else None)
                      for g in leaves]
-        slice_sums = [s[4] if len(s) > 4 else None for s in summaries]
-        summaries = [s[:4] for s in summaries]
+        slice_sums = [s[4] for s in summaries]
         sums, finite = [], jnp.ones((), bool)
         count_n = jnp.zeros((), D)
-        for g, m, (s, _, _, ok) in zip(leaves, masks, summaries):
+        for g, m, (s, _, _, ok, _) in zip(leaves, masks, summaries):
             if m is not None:
                 s = jnp.where(m, s, 0)
                 ok = jnp.where(m, ok, True)
