@@ -145,6 +145,16 @@ class _JaxSide(Side):
         value = jnp.asarray(0.0 if value is None else value, self._dtype)
         self._opt_params, self._state = self._step(self._opt_params, self._state, grads, value, mask)
 
+    def perturb(self, rel: float, signs: Mapping[str, np.ndarray]) -> None:
+        """Multiply every param element by ``1 + rel * sign`` (the rounding error model's injected error).
+
+        Only for sides whose optimizer params are the model params (suite and plain optax sides)."""
+        import jax.numpy as jnp
+
+        if self._to_params(self._opt_params) is not self._opt_params:
+            raise TypeError(f"{self.label}: params cannot be perturbed through a params mapping")
+        self._opt_params = {k: p * jnp.asarray(1 + rel * signs[k], p.dtype) for k, p in self._opt_params.items()}
+
     def observe(self):
         out = P.to_numpy(self.params())
         if self._extras is not None:

@@ -34,6 +34,7 @@ from . import problems as P
 from .references import Reference, suite
 
 _TINY = 1e-30
+_PERTURB_SEED = 20240607
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,23 +214,37 @@ def _x64(dtype: str):
 
 
 def drive(reference: Reference, problem: str, dtype: str, steps: int,
-          none_grads: Mapping[int, Sequence[str]] = MappingProxyType({})):
+          none_grads: Mapping[int, Sequence[str]] = MappingProxyType({}), *, perturb: bool = False):
     """Step ``reference`` on ``problem`` for ``steps`` steps (inside the dtype's x64 context).
 
     Returns ``(side, observations)``: the live side and its observations (index 0 = initial values, then
     one per step). The gradient at each step comes from the side's own params; params named in
     ``none_grads[step]`` get a ``None`` gradient.
+
+    ``perturb=True`` runs the error model's perturbed trajectory (see :func:`rounding_response`): every
+    gradient element and, after every step, every param element is multiplied by ``1 ± ε`` (ε the dtype's
+    machine epsilon), with a sign fixed per element for the whole run.
     """
     prob = P.get(problem)
     with _x64(dtype):
-        side = reference.make(prob.params("numpy", "float64"), dtype)
+        init = prob.params("numpy", "float64")
+        side = reference.make(init, dtype)
+        if perturb:
+            eps = float(np.finfo(dtype).eps)
+            rng = np.random.default_rng(_PERTURB_SEED)
+            g_sign = {k: rng.choice([-1.0, 1.0], size=np.shape(v)) for k, v in sorted(init.items())}
+            p_sign = {k: rng.choice([-1.0, 1.0], size=np.shape(v)) for k, v in sorted(init.items())}
         traj = [side.observe()]
         for step in range(steps):
             value, grads = prob.value_and_grad(side.framework, side.params(), step, dtype)
+            if perturb:
+                grads = {k: g * (1 + eps * g_sign[k]).astype(dtype) for k, g in grads.items()}
             skipped = set(none_grads.get(step, ()))
             if skipped:
                 grads = {k: (None if k in skipped else g) for k, g in grads.items()}
             side.step(grads, value=value)
+            if perturb:
+                side.perturb(eps, p_sign)
             traj.append(side.observe())
     return side, traj
 
@@ -244,10 +259,22 @@ def max_diff(ours: Sequence[Mapping[str, np.ndarray]], ref: Sequence[Mapping[str
 
 class TrajectoryCache:
     """Our side's trajectory for one configuration (backend, entry, kwargs, problem, dtype, steps,
-    none_grads, extras) is computed once and shared by the cases that compare it with several references."""
+    none_grads, extras) is computed once and shared by the cases that compare it with several references;
+    a reference's (and a known-wrong variant's) trajectory is computed once and shared by the backends of
+    ours compared with it (discovery gives the ``@bridge_*`` copies of a case the same reference object)."""
 
     def __init__(self):
         self._store: dict = {}
+        self._refs: dict = {}
+
+    def reference(self, reference: Reference, case: ParityCase):
+        """``drive(reference, ...)`` on the case's problem, computed once per reference object."""
+        key = (id(reference), case.problem, case.dtype, case.steps,
+               tuple(sorted((k, tuple(v)) for k, v in case.none_grads.items())))
+        if key not in self._refs:
+            # keep the reference alive with its trajectory, so that its id is never reused for another
+            self._refs[key] = (reference, drive(reference, case.problem, case.dtype, case.steps, case.none_grads))
+        return self._refs[key][1]
 
     def get(self, case: ParityCase):
         kwargs_key = id(case.kwargs) if callable(case.kwargs) else repr(sorted(dict(case.kwargs).items()))
@@ -270,11 +297,12 @@ def run_case(case: ParityCase, *, cache: Optional[TrajectoryCache] = None) -> Pa
         return result
     t0 = time.perf_counter()
     try:
-        ours_side, ours = (cache or TrajectoryCache()).get(case)
-        ref_side, ref = drive(case.reference, case.problem, case.dtype, case.steps, case.none_grads)
+        cache = cache or TrajectoryCache()
+        ours_side, ours = cache.get(case)
+        ref_side, ref = cache.reference(case.reference, case)
         result.max_abs, result.max_rel = max_diff(ours, ref)
         if case.wrong is not None:
-            _, result.wrong_traj = drive(case.wrong, case.problem, case.dtype, case.steps, case.none_grads)
+            _, result.wrong_traj = cache.reference(case.wrong, case)
             result.wrong_abs, result.wrong_rel = max_diff(ours, result.wrong_traj)
     except ModuleNotFoundError as exc:  # an optional reference package is not installed
         result.status, result.reason = "SKIP", f"missing module: {exc.name}"

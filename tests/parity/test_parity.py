@@ -16,8 +16,15 @@ _CACHE = TrajectoryCache()
 _RESULTS: dict[str, ParityResult] = {}
 
 
+def _group(case):
+    # the backends of one case share the reference's trajectory (and test_sensitivity reuses the result):
+    # under ``--dist loadgroup`` they run in one worker, so each reference is driven once
+    return pytest.mark.xdist_group(case.name.split("@", 1)[0])
+
+
 def _marks(case):
     marks = [pytest.mark.slow] if case.slow else []
+    marks.append(_group(case))
     if case.known_issue:
         marks.append(pytest.mark.xfail(reason=case.known_issue, strict=True))
     return marks
@@ -51,7 +58,8 @@ def test_parity(case):
 SENSITIVE = [c for c in CASES if c.wrong is not None]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else [])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=([pytest.mark.slow] if c.slow else [])
+                                                 + [_group(c)])
                                   for c in SENSITIVE])
 def test_sensitivity(case):
     res = _result(case)
