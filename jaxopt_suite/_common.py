@@ -105,6 +105,8 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 #: Attribute of a factory listing the arguments ``inject_hyperparams`` must keep static (set by
 #: :func:`declare_static`; read by :func:`static_args_of`, ``jaxopt_suite.inject_hyperparams`` and the registry).
 STATIC_ARGS_ATTR = "inject_static_args"
+#: Attribute of a factory listing the tail of :data:`STATIC_ARGS_ATTR` that is numbers read by ``init`` only.
+INIT_ONLY_ATTR = "inject_init_only_args"
 
 
 def declare_static(*structural: str, init_only: Sequence[str] = ()):
@@ -117,6 +119,12 @@ def declare_static(*structural: str, init_only: Sequence[str] = ()):
     ``init`` (kept static too, so that a changed ``state.hyperparams`` entry or a schedule cannot be
     silently ignored after the first step; they may still be arrays, e.g. traced by the torch bridge).
     Both lists, in that order, become the factory's :data:`STATIC_ARGS_ATTR`.
+
+    So that plain ``optax.inject_hyperparams(factory)(...)`` works whenever the user leaves the structural
+    arguments at their defaults, the decorated factory's signature shows each structural default that optax
+    would trace (a number, or a callable such as ADOPT's ``clip_value_fn``) wrapped in a
+    :class:`StaticDefault` (optax binds the defaults too, and passes such a value through untouched); the
+    factory unwraps it. Read a factory's real defaults with :func:`factory_signature`.
     """
 
     def record(factory):
@@ -127,7 +135,13 @@ def declare_static(*structural: str, init_only: Sequence[str] = ()):
 
         @functools.wraps(factory)
         def checked(*args, **kwargs):
-            bound = signature.bind_partial(*args, **kwargs).arguments
+            bound = signature.bind_partial(*args, **kwargs)
+            if any(isinstance(v, StaticDefault) for v in bound.arguments.values()):
+                for name, value in bound.arguments.items():
+                    if isinstance(value, StaticDefault):
+                        bound.arguments[name] = value.value
+                args, kwargs = bound.args, bound.kwargs
+            bound = bound.arguments
             for name in structural:
                 value = bound.get(name)
                 # bool arrays are left to the factory (static_bool names them; a mask may be a bool array)
@@ -141,9 +155,42 @@ def declare_static(*structural: str, init_only: Sequence[str] = ()):
             return factory(*args, **kwargs)
 
         setattr(checked, STATIC_ARGS_ATTR, tuple(structural) + tuple(init_only))
+        setattr(checked, INIT_ONLY_ATTR, tuple(init_only))
+        checked.__signature__ = signature.replace(parameters=[
+            p.replace(default=StaticDefault(p.default)) if p.name in structural and _traced_by_optax(p.default)
+            else p for p in signature.parameters.values()])
         return checked
 
     return record
+
+
+class StaticDefault:
+    """A structural argument's default as a :func:`declare_static` factory's signature shows it.
+
+    ``optax.inject_hyperparams`` binds the defaults with the user's arguments and would trace a number or call
+    a callable as a schedule; an object of this class is neither, so optax hands it back to the factory,
+    which uses ``value``. ``repr`` is the default's, so ``help(factory)`` reads as written.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _traced_by_optax(value: Any) -> bool:
+    """optax.inject_hyperparams injects numbers and arrays and calls callables; bools and the rest pass."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float, np.ndarray, jax.Array)) or callable(value)
+
+
+def factory_signature(factory: Callable[..., Any]) -> inspect.Signature:
+    """``factory``'s signature with its real defaults (no :class:`StaticDefault` wrappers)."""
+    return inspect.signature(inspect.unwrap(factory))
 
 
 def static_args_of(factory: Callable[..., Any]) -> tuple[str, ...]:
@@ -157,6 +204,15 @@ def inject_hyperparams(
     hyperparam_dtype: Optional[Any] = None,
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
     """``optax.inject_hyperparams`` that already knows the suite factories' static arguments.
+
+    The rule: an argument is static when a traced value could not work or could not act. That is every
+    structural option (keyword-only: integers that size the state or pick a branch, flags, callables that are
+    not schedules, layouts; a traced one would make shapes or Python control flow depend on data) and the
+    numbers a factory reads in ``init`` only (ELRA's ``learning_rate``, EnhancedSGD's ``q_epsilon``: injected,
+    a change in ``state.hyperparams`` or a schedule would be silently ignored after the first step). The
+    other numbers are the injected hyperparameters. Plain ``optax.inject_hyperparams(factory)`` works too
+    while those structural options keep their defaults (see :func:`declare_static`); one passed as a number
+    or callable raises a ``ValueError`` naming it and pointing here.
 
     The static arguments are those :func:`declare_static` recorded on ``inner_factory`` (for example
     AutoSGM's ``num_lrc`` and ``window``, ELRA's ``classes``, ADOPT's ``clip_value_fn``) followed by the

@@ -18,7 +18,7 @@ import pytest
 
 import jaxopt_suite as js
 from jaxopt_suite import registry
-from jaxopt_suite._common import static_args_of
+from jaxopt_suite._common import INIT_ONLY_ATTR, StaticDefault, factory_signature, static_args_of
 
 ENTRIES = registry.entries()
 by_entry = pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
@@ -77,7 +77,7 @@ def _value(entry, name):
     """The argument ``name`` as the entry passes it (its kwargs, else the factory default)."""
     if name in entry.kwargs:
         return entry.kwargs[name]
-    return inspect.signature(entry.factory).parameters[name].default
+    return factory_signature(entry.factory).parameters[name].default
 
 
 def _optax_would_inject(value):
@@ -171,12 +171,40 @@ def test_hyperparams_changed_in_the_state_take_effect(entry):
 
 
 @by_entry
+def test_structural_defaults_are_shown_to_optax_as_static(entry):
+    """The factory's signature wraps each structural default that optax would trace, and only those; the
+    wrapper reads as the default, and factory_signature gives the real one."""
+    shown = inspect.signature(entry.factory).parameters
+    real = factory_signature(entry.factory).parameters
+    assert list(shown) == list(real)
+    for name, p in real.items():
+        wrapped = isinstance(shown[name].default, StaticDefault)
+        structural = name in entry.static_args and name not in getattr(entry.factory, INIT_ONLY_ATTR)
+        assert wrapped == (structural and _optax_would_inject(p.default)), f"{entry.name}: {name}"
+        if wrapped:
+            assert shown[name].default.value is p.default and repr(shown[name].default) == repr(p.default)
+
+
+@by_entry
+def test_plain_optax_inject_works_with_structural_defaults(entry):
+    """optax.inject_hyperparams(factory)(learning_rate=...) with every structural argument at its default:
+    the factory's updates, under jit (the wrapped defaults pass optax untouched)."""
+    kwargs = {k: v for k, v in entry.kwargs.items() if k not in entry.static_args}
+    tx = optax.inject_hyperparams(entry.factory)(**kwargs, learning_rate=_base_lr(entry))
+    injected, state = _run(entry, tx)
+    plain, _ = _run(entry, entry.factory(**kwargs, learning_rate=_base_lr(entry)))
+    _close(plain, injected, RTOL, f"{entry.name}: optax.inject_hyperparams with defaults vs plain")
+    assert "learning_rate" in state.hyperparams
+
+
+@by_entry
 def test_plain_optax_inject_names_the_structural_argument(entry):
-    """optax.inject_hyperparams without static_args: a clear error naming the first structural argument
-    it would trace (or, where there is none, the same updates as the factory)."""
+    """optax.inject_hyperparams without static_args, with the entry's own settings: a clear error naming the
+    first structural argument the user passed that optax would trace (or, where there is none, the same
+    updates as the factory)."""
     tx = optax.inject_hyperparams(entry.factory)(**dict(entry.kwargs))
-    traced = [n for n in entry.static_args if _optax_would_inject(_value(entry, n))
-              and not isinstance(_value(entry, n), float)]  # floats read by init only are fine traced
+    traced = [n for n in entry.static_args if n in entry.kwargs and _optax_would_inject(entry.kwargs[n])
+              and not isinstance(entry.kwargs[n], float)]  # floats read by init only are fine traced
     if not traced:
         injected, _ = _run(entry, tx)
         _close(_plain(entry.name), injected, RTOL, f"{entry.name}: optax.inject_hyperparams vs plain")
@@ -211,7 +239,8 @@ def test_learning_rate_schedule_is_used_with_optax_counts_or_rejected(entry):
     lr = _base_lr(entry)
     decaying = optax.exponential_decay(lr, transition_steps=1, decay_rate=0.5)
     if not entry.supports_schedules:
-        with pytest.raises(ValueError, match="Invalid learning_rate: .*schedule"):
+        # the message names the argument, says why (the factory sets its own step size) and what to pass
+        with pytest.raises(ValueError, match="Invalid learning_rate: .*not a schedule.*own step size.*as a number"):
             entry.build(learning_rate=decaying)
         with pytest.raises(ValueError, match="Invalid learning_rate: .*schedule"):
             js.inject_hyperparams(entry.factory)(**dict(entry.kwargs), learning_rate=decaying).init(_params())
