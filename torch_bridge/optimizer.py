@@ -89,7 +89,7 @@ import numpy as np
 import torch
 
 from jaxopt_suite import registry
-from jaxopt_suite._common import STACKED_FIELDS_ATTR, FlatLayout
+from jaxopt_suite._common import STACKED_FIELDS_ATTR, FlatLayout, factory_signature
 
 from . import dlpack
 
@@ -1051,7 +1051,7 @@ class JaxOptimizer(torch.optim.Optimizer):
 
 
 def _generic_defaults(entry, hyperparams):
-    sig = inspect.signature(entry.factory)
+    sig = factory_signature(entry.factory)  # the real defaults, not the StaticDefault wrappers shown to optax
     defaults = {}
     for name, par in sig.parameters.items():
         if name == "segments" or par.kind in (par.VAR_POSITIONAL, par.VAR_KEYWORD):
