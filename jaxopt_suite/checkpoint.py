@@ -155,12 +155,20 @@ def field_matches(path: tuple[str, ...], spec: str) -> bool:
 
 
 def leaf_paths(params) -> list[str]:
-    """The ``/``-joined key paths of the leaves of ``params``, in leaf order (``"layers/0/kernel"``)."""
+    """The ``/``-joined key paths of the leaves of ``params``, in leaf order (``"layers/0/kernel"``).
+
+    The ``value`` attribute of a Flax NNX variable is not part of the path (``nnx.state(model, nnx.Param)``
+    gives ``"layers/0/kernel"``, as a linen params dict does).
+    """
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     return [_path_str(p) for p, _ in flat]
 
 
 def _path_str(path) -> str:
+    # A Flax NNX variable (``nnx.Param``) is a pytree node whose one child is the attribute ``value``:
+    # ``nnx.state(model, nnx.Param)`` flattens to ``.../kernel/value``. The variable's own name is the path.
+    if len(path) > 1 and type(path[-1]).__name__ == "GetAttrKey" and getattr(path[-1], "name", None) == "value":
+        path = path[:-1]
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):

@@ -43,7 +43,7 @@ from jaxopt_suite.checkpoint import ParamMapping, default_mapping
 
 from . import dlpack
 
-__all__ = ["ParamMapping", "default_mapping", "load", "to_optax", "to_torch"]
+__all__ = ["ParamMapping", "default_mapping", "flax_params", "load", "load_into_torch", "to_optax", "to_torch"]
 
 _TORCH_OPTIM = ("SGD", "Adam", "AdamW", "ASGD")
 
@@ -134,6 +134,44 @@ def _check_state_dict(sd: Mapping, mapping: ParamMapping, torch_params: Sequence
                                  f"{_np_dtype_name(p)}")
 
 
+def _per_param_entries(sd: Mapping):
+    ids = {pid for g in sd["param_groups"] for pid in g["params"]}
+    return [st for pid, st in sd["state"].items() if pid in ids and isinstance(st, Mapping)]
+
+
+def _check_format(sd: Mapping, opt) -> None:
+    """``ValueError`` when ``sd`` was evidently written by another optimizer than ``opt``'s class: its param
+    groups lack a key ``opt``'s groups have, or a parameter's state has a key ``opt`` does not keep.
+
+    torch's Adam and AdamW (and the bridge's) share one format but for ``decoupled_weight_decay``.
+    """
+    name = type(opt).__name__
+    have = set().union(*(set(g) for g in sd["param_groups"])) - {"params"}
+    want = set(opt.param_groups[0]) - {"params"}
+    missing, foreign = sorted(want - have), sorted(have - want)
+    # keys only missing are filled with defaults by load_state_dict (a torch.optim.ASGD checkpoint into the
+    # bridge's ASGD, which adds ``momentum``); keys missing *and* foreign ones mean another optimizer
+    if missing and foreign:
+        raise ValueError(f"optimizer mismatch: the checkpoint's param groups have no {missing}, which {name}'s "
+                         f"have, and have {foreign}, which {name}'s have not (saved by another optimizer)")
+    # torch's Adam and AdamW differ in their groups only by this flag (AdamW fixes it to True)
+    flag = "decoupled_weight_decay"
+    if flag in want and any(flag in g and bool(g[flag]) != bool(opt.param_groups[0][flag])
+                            for g in sd["param_groups"]):
+        raise ValueError(f"optimizer mismatch: the checkpoint has {flag}={not opt.param_groups[0][flag]}, "
+                         f"{name} {flag}={bool(opt.param_groups[0][flag])} (Adam vs AdamW)")
+    known = set(getattr(opt, "state_keys", {}) or {})
+    if known:
+        for st in _per_param_entries(sd):
+            unknown = sorted(set(st) - known)
+            if unknown:
+                raise ValueError(f"optimizer mismatch: the checkpoint's parameter state has keys {unknown}, "
+                                 f"which {name} does not keep (it keeps {sorted(known)})")
+
+
+_OPTAX_KEYS = {"adam": {"step", "exp_avg", "exp_avg_sq"}, "sgd": {"momentum_buffer"}}
+
+
 # --------------------------------------------------------------------------------------------------
 # optax's own states (optax.sgd / adam / adamw): a direct per-field map
 # --------------------------------------------------------------------------------------------------
@@ -210,6 +248,13 @@ def _optax_from_torch(tx, sd, params, mapping, kind):
                 placed[j] = jnp.zeros_like(flat_p[j])
         return tree_def.unflatten(placed)
 
+    allowed = _OPTAX_KEYS[kind]
+    for i, st in enumerate(per_param):
+        extra = sorted(set(st) - allowed)
+        if extra and not (kind == "adam" and extra == ["max_exp_avg_sq"]):
+            raise ValueError(f"optimizer mismatch: parameter {mapping.paths[i]!r} has state {sorted(st)}; "
+                             f"optax's {kind} state holds {sorted(allowed)} (torch "
+                             f"{'Adam/AdamW' if kind == 'adam' else 'SGD with momentum'})")
     if kind == "adam":
         if any("max_exp_avg_sq" in st for st in per_param):
             raise ValueError("optimizer mismatch: the checkpoint has amsgrad state (max_exp_avg_sq); "
@@ -258,6 +303,45 @@ def _torch_from_optax(state, params, mapping, target, kind):
                 out_state[i] = {"momentum_buffer": buf}
     groups = copy.deepcopy(target.state_dict()["param_groups"])
     return {"state": out_state, "param_groups": groups}
+
+
+# --------------------------------------------------------------------------------------------------
+# the parameters themselves (the same mapping as the state)
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_param_list(source) -> tuple[list[torch.Tensor], Optional[list[str]]]:
+    if isinstance(source, torch.nn.Module):
+        named = list(source.named_parameters())
+        return [p for _, p in named], [n for n, _ in named]
+    return list(source), None
+
+
+def flax_params(source, like, *, mapping=None):
+    """The torch parameters' values as a Flax pytree shaped like ``like`` (e.g. ``nnx.state(model,
+    nnx.Param)``): parameter ``i`` of ``source`` (an ``nn.Module`` or a sequence of tensors, torch order)
+    goes to leaf ``mapping.paths[i]``, permuted by ``mapping.axes[i]``. Shapes and dtypes must match (the
+    error names the parameter). Load the result into an NNX model with ``nnx.update(model, params)``."""
+    tparams, names = _torch_param_list(source)
+    mapping = _mapping(like, mapping, names)
+    C.check_params(like, mapping, [tuple(p.shape) for p in tparams], [_np_dtype_name(p) for p in tparams], names)
+    leaves, tree_def = jax.tree.flatten(like)
+    out = list(leaves)
+    for i, j in enumerate(mapping.order(like)):
+        out[j] = mapping.to_flax(i, jnp.asarray(tparams[i].detach().cpu().numpy()))
+    return tree_def.unflatten(out)
+
+
+def load_into_torch(params, target, *, mapping=None) -> None:
+    """Copy the Flax ``params`` into the torch parameters of ``target`` (an ``nn.Module`` or a sequence of
+    tensors, torch order), in place: the inverse of :func:`flax_params`."""
+    tparams, names = _torch_param_list(target)
+    mapping = _mapping(params, mapping, names)
+    C.check_params(params, mapping, [tuple(p.shape) for p in tparams], [_np_dtype_name(p) for p in tparams],
+                   names)
+    for p, value in zip(tparams, mapping.torch_params(params)):
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(np.array(value)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,6 +402,7 @@ def to_optax(source, params, optimizer=None, *, mapping=None, tx=None, hyperpara
         opt = _bridge_factory(optimizer)(torch_params)
         if not _is_bridge(opt):
             raise ValueError(f"optimizer mismatch: {type(opt).__name__} is not a torch_bridge optimizer")
+        _check_format(sd, opt)
         opt.load_state_dict(sd)
     suite_tx, list_state, opt_params, kwargs = opt._checkpoint_export()
     if torch_params is None:

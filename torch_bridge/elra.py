@@ -595,6 +595,10 @@ class ELRA(JaxOptimizer):
             self._leaves = saved
         self._jstate = None
         self._needs_import = True
+        # the host-side call counter (it guards the first call's positive-loss check): the calls that
+        # stepped plus those skipped, which the JAX state counts
+        self._calls = int(np.asarray(state.step_cnt)) + int(np.asarray(state.skipped))
+        dict.__getitem__(self.state, "elra")["calls"] = torch.tensor(self._calls, dtype=torch.int64)
 
     def state_dict(self):
         self._sync_state_to_torch()
