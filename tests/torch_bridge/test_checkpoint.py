@@ -282,10 +282,15 @@ def test_default_mapping_conv_and_linear_layouts():
     opt.zero_grad()
     tm(torch.tensor(x)).pow(2).mean().backward()
     opt.step()
-    nnx.update(fm, params)
-    grads = nnx.grad(lambda m: (m(jnp.asarray(x.transpose(0, 2, 3, 1))) ** 2).mean())(fm)
-    updates, _ = tx.update(nnx.state(grads, nnx.Param), state, params)
-    new = optax.apply_updates(params, updates)
+    graphdef, _ = nnx.split(fm, nnx.Param)
+
+    @jax.jit
+    def flax_step(params, state):
+        grads = jax.grad(lambda p: (nnx.merge(graphdef, p)(jnp.asarray(x.transpose(0, 2, 3, 1))) ** 2).mean())(params)
+        updates, _ = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates)
+
+    new = flax_step(params, state)
     np.testing.assert_allclose(np.asarray(new["conv"]["kernel"][...]),
                                tm.conv.weight.detach().numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-6)
     # and back into a fresh torch optimizer on the torch model: the same state dict
