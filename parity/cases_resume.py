@@ -44,7 +44,11 @@ N_FIRST = 3  # steps before the switch
 N_SECOND = 3  # steps after it
 PROBLEM = "mlp"
 
-_TOL = {"float64": dict(rtol=1e-12), "float32": dict(rtol=1e-5)}
+# the resume contract's own bars (relative to the parameter scale): the resumed and the uninterrupted run
+# execute the same operations, so they differ only where the bridge's and JAX's layouts round differently
+_RESUME_BAR = "the resume contract: float64 1e-12, float32 1e-5 relative (same operations on both runs)"
+_TOL = {"float64": dict(rtol=1e-12, tolerance_reason=_RESUME_BAR),
+        "float32": dict(rtol=1e-5, tolerance_reason=_RESUME_BAR)}
 _SHORT = {"float64": "f64", "float32": "f32"}
 
 
