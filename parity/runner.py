@@ -194,21 +194,22 @@ class ParityResult:
     ref_side: Any = None
     error: Optional[BaseException] = None
 
+    def _bar(self, measure: str, declared: Optional[float], delta: Optional[float]) -> Optional[float]:
+        """The tolerance in force on one measure: declared, or K × δ when the model bounds this measure."""
+        c = self.case
+        if not c.modelled:
+            return declared
+        return None if c.measure != measure or delta is None else c.ulps * delta
+
     @property
     def atol(self) -> Optional[float]:
         """The tolerance on ``max_abs`` in force: declared, or K × δ (abs measure), else ``None``."""
-        c = self.case
-        if not c.modelled:
-            return c.atol
-        return None if c.measure != "abs" or self.rounding_abs is None else c.ulps * self.rounding_abs
+        return self._bar("abs", self.case.atol, self.rounding_abs)
 
     @property
     def rtol(self) -> Optional[float]:
         """The tolerance on ``max_rel`` in force: declared, or K × δ (rel measure), else ``None``."""
-        c = self.case
-        if not c.modelled:
-            return c.rtol
-        return None if c.measure != "rel" or self.rounding_rel is None else c.ulps * self.rounding_rel
+        return self._bar("rel", self.case.rtol, self.rounding_rel)
 
     def tolerance_str(self) -> str:
         """The tolerance in force, e.g. ``"abs 3.1e-13 (8δ)"`` or ``"rel 1e-06"`` (declared)."""
