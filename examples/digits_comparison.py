@@ -289,7 +289,8 @@ def demo_settings(entry, config: DemoConfig) -> dict:
 
 
 def _factory_default(entry, name: str) -> Any:
-    parameter = inspect.signature(entry.factory).parameters.get(name)
+    # unwrap: a factory's signature shows its structural defaults wrapped for optax.inject_hyperparams
+    parameter = inspect.signature(inspect.unwrap(entry.factory)).parameters.get(name)
     if parameter is None or parameter.default is inspect.Parameter.empty:
         raise Unavailable(f"no torch mapping: {name} has no default in {entry.factory.__name__}")
     return parameter.default

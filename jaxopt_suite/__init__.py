@@ -5,7 +5,7 @@ docstring for the update rule and references, and :mod:`jaxopt_suite.registry` f
 optimizers that tests, the torch bridge and the demo read.
 """
 
-from ._common import FlatLayout, get_hyperparams, zero_masked
+from ._common import FlatLayout, get_hyperparams, inject_hyperparams, zero_masked
 from .adam import (
     AdamState,
     DecoupledDecayState,
@@ -43,6 +43,7 @@ from . import registry
 __all__ = [
     "FlatLayout",
     "get_hyperparams",
+    "inject_hyperparams",
     "zero_masked",
     "AdamState",
     "DecoupledDecayState",

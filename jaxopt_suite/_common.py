@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -95,6 +96,172 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise ``ValueError`` when a structural option is not one of ``choices``."""
     if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
         raise ValueError(f"Invalid {name}: {value!r}; expected one of {list(choices)!r}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# structural arguments and inject_hyperparams
+# --------------------------------------------------------------------------------------------------
+
+#: Attribute of a factory listing the arguments ``inject_hyperparams`` must keep static (set by
+#: :func:`declare_static`; read by :func:`static_args_of`, ``jaxopt_suite.inject_hyperparams`` and the registry).
+STATIC_ARGS_ATTR = "inject_static_args"
+#: Attribute of a factory listing the tail of :data:`STATIC_ARGS_ATTR` that is numbers read by ``init`` only.
+INIT_ONLY_ATTR = "inject_init_only_args"
+
+
+def declare_static(*structural: str, init_only: Sequence[str] = ()):
+    """Decorator declaring a factory's arguments that ``optax.inject_hyperparams`` must not trace.
+
+    ``structural``: arguments that fix the computation (integers sizing state or choosing branches, callables
+    that are not schedules, layouts, flags). optax injects every number and calls every callable as a
+    schedule, so a structural argument arriving as a JAX array is an error here, raised with the remedy
+    before the factory's own validation could give a confusing one. ``init_only``: numbers read only by
+    ``init`` (kept static too, so that a changed ``state.hyperparams`` entry or a schedule cannot be
+    silently ignored after the first step; they may still be arrays, e.g. traced by the torch bridge).
+    Both lists, in that order, become the factory's :data:`STATIC_ARGS_ATTR`.
+
+    So that plain ``optax.inject_hyperparams(factory)(...)`` works whenever the user leaves the structural
+    arguments at their defaults, the decorated factory's signature shows each structural default that optax
+    would trace (a number, or a callable such as ADOPT's ``clip_value_fn``) wrapped in a
+    :class:`StaticDefault` (optax binds the defaults too, and passes such a value through untouched); the
+    factory unwraps it. Read a factory's real defaults with :func:`factory_signature`.
+    """
+
+    def record(factory):
+        signature = inspect.signature(factory)
+        unknown = [n for n in (*structural, *init_only) if n not in signature.parameters]
+        if unknown:
+            raise TypeError(f"{factory.__name__} has no parameters {unknown} to declare static")
+
+        @functools.wraps(factory)
+        def checked(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs)
+            if any(isinstance(v, StaticDefault) for v in bound.arguments.values()):
+                for name, value in bound.arguments.items():
+                    if isinstance(value, StaticDefault):
+                        bound.arguments[name] = value.value
+                args, kwargs = bound.args, bound.kwargs
+            bound = bound.arguments
+            for name in structural:
+                value = bound.get(name)
+                # bool arrays are left to the factory (static_bool names them; a mask may be a bool array)
+                if isinstance(value, jax.Array) and value.dtype != bool:
+                    raise ValueError(
+                        f"Invalid {name}: {value!r}; {name} is a structural argument of {factory.__name__} and "
+                        "must be a Python value, but it arrived as a JAX array (optax.inject_hyperparams "
+                        "injects every number and calls every callable as a schedule). Use "
+                        f"jaxopt_suite.inject_hyperparams, which keeps it static, or list {name!r} in "
+                        "static_args.")
+            return factory(*args, **kwargs)
+
+        setattr(checked, STATIC_ARGS_ATTR, tuple(structural) + tuple(init_only))
+        setattr(checked, INIT_ONLY_ATTR, tuple(init_only))
+        checked.__signature__ = signature.replace(parameters=[
+            p.replace(default=StaticDefault(p.default)) if p.name in structural and _traced_by_optax(p.default)
+            else p for p in signature.parameters.values()])
+        return checked
+
+    return record
+
+
+class StaticDefault:
+    """A structural argument's default as a :func:`declare_static` factory's signature shows it.
+
+    ``optax.inject_hyperparams`` binds the defaults with the user's arguments and would trace a number or call
+    a callable as a schedule; an object of this class is neither, so optax hands it back to the factory,
+    which uses ``value``. ``repr`` is the default's, so ``help(factory)`` reads as written.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _traced_by_optax(value: Any) -> bool:
+    """optax.inject_hyperparams injects numbers and arrays and calls callables; bools and the rest pass."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float, np.ndarray, jax.Array)) or callable(value)
+
+
+def factory_signature(factory: Callable[..., Any]) -> inspect.Signature:
+    """``factory``'s signature with its real defaults (no :class:`StaticDefault` wrappers)."""
+    return inspect.signature(inspect.unwrap(factory))
+
+
+def static_args_of(factory: Callable[..., Any]) -> tuple[str, ...]:
+    """The arguments of ``factory`` declared static with :func:`declare_static` (``()`` if none)."""
+    return tuple(getattr(factory, STATIC_ARGS_ATTR, ()))
+
+
+def inject_hyperparams(
+    inner_factory: Callable[..., Any],
+    static_args: Any = (),
+    hyperparam_dtype: Optional[Any] = None,
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """``optax.inject_hyperparams`` that already knows the suite factories' static arguments.
+
+    The rule: an argument is static when a traced value could not work or could not act. That is every
+    structural option (keyword-only: integers that size the state or pick a branch, flags, callables that are
+    not schedules, layouts; a traced one would make shapes or Python control flow depend on data) and the
+    numbers a factory reads in ``init`` only (ELRA's ``learning_rate``, EnhancedSGD's ``q_epsilon``: injected,
+    a change in ``state.hyperparams`` or a schedule would be silently ignored after the first step). The
+    other numbers are the injected hyperparameters. Plain ``optax.inject_hyperparams(factory)`` works too
+    while those structural options keep their defaults (see :func:`declare_static`); one passed as a number
+    or callable raises a ``ValueError`` naming it and pointing here.
+
+    The static arguments are those :func:`declare_static` recorded on ``inner_factory`` (for example
+    AutoSGM's ``num_lrc`` and ``window``, ELRA's ``classes``, ADOPT's ``clip_value_fn``) followed by the
+    user's ``static_args`` (a name or an iterable of names, added to them). Everything else follows optax:
+    numbers and arrays are injected into ``state.hyperparams`` (change them there without recompiling),
+    callables are schedules of the update count (0 at the first update), and floats are cast to the params'
+    highest dtype or to ``hyperparam_dtype``. A factory without a declaration (an optax one, say) gets only
+    the user's ``static_args``.
+
+    Example::
+
+        tx = jaxopt_suite.inject_hyperparams(jaxopt_suite.autosgm)(learning_rate=1e-2, num_lrc=1)
+        state = tx.init(params)
+        state.hyperparams["learning_rate"] = 5e-3   # takes effect at the next update
+    """
+    extra = (static_args,) if isinstance(static_args, str) else tuple(static_args)
+    names = tuple(dict.fromkeys(static_args_of(inner_factory) + extra))
+    return optax.inject_hyperparams(inner_factory, static_args=names, hyperparam_dtype=hyperparam_dtype)
+
+
+class ScheduledState(NamedTuple):
+    """State of a block whose ``learning_rate`` is a schedule: the update count and the block's state."""
+
+    count: jax.Array
+    inner_state: Any
+
+
+def with_schedule(build: Callable[[Any], optax.GradientTransformationExtraArgs],
+                  learning_rate: Any) -> optax.GradientTransformationExtraArgs:
+    """``build(learning_rate)``, or, for a schedule, ``build(schedule(count))`` at every update.
+
+    ``count`` is the number of previous ``update`` calls (0 at the first, one global count), as
+    ``optax.scale_by_schedule`` and ``optax.inject_hyperparams`` count; the block is rebuilt per update
+    around the scheduled value, so it behaves exactly as ``inject_hyperparams(factory)(learning_rate=
+    schedule)``. The block is built once here with ``schedule(0)``, which validates every argument now.
+    """
+    if not callable(learning_rate):
+        return build(learning_rate)
+    first = build(learning_rate(0))
+
+    def init_fn(params):
+        return ScheduledState(count=jnp.zeros([], jnp.int32), inner_state=first.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        block = optax.with_extra_args_support(build(learning_rate(state.count)))
+        updates, inner_state = block.update(updates, state.inner_state, params, **extra_args)
+        return updates, ScheduledState(count=optax.safe_increment(state.count), inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class AdamState(NamedTuple):
     stacked_leaf_fields = ("count",)  # read through C.STACKED_FIELDS_ATTR
 
 
+@C.declare_static("amsgrad", "segments")
 def scale_by_adam(
     b1: Any = 0.9,
     b2: Any = 0.999,
@@ -191,6 +192,7 @@ def _validate_adam(learning_rate, b1, b2, eps, weight_decay):
     C.check_range("weight_decay", weight_decay, ge=0.0)
 
 
+@C.declare_static("amsgrad", "decoupled_weight_decay", "maximize", "weight_decay_mask", "segments")
 def adam(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,
@@ -252,6 +254,7 @@ def adam(
     )
 
 
+@C.declare_static("amsgrad", "maximize", "weight_decay_mask", "segments")
 def adamw(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

@@ -50,6 +50,7 @@ def default_clip_value(step: jax.Array) -> jax.Array:
     return step**0.25
 
 
+@C.declare_static("decouple", "clip_value_fn", "segments")
 def scale_by_adopt(
     b1: Any = 0.9,
     b2: Any = 0.9999,
@@ -130,6 +131,7 @@ def scale_by_adopt(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@C.declare_static("decouple", "clip_value_fn", "maximize", "segments")
 def adopt(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

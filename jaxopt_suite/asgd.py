@@ -57,6 +57,7 @@ def _wide_dtype():
     return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
+@C.declare_static("scalar_dtype", "segments")
 def scale_by_asgd(
     learning_rate: optax.ScalarOrSchedule = 1e-2,
     lambd: Any = 1e-4,
@@ -146,6 +147,7 @@ def scale_by_asgd(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@C.declare_static("maximize", "scalar_dtype", "segments")
 def asgd(
     learning_rate: optax.ScalarOrSchedule = 1e-2,
     lambd: Any = 1e-4,

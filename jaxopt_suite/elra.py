@@ -204,6 +204,13 @@ def _wd0(weight_decay):
 
 
 def _validate(learning_rate, weight_decay, warmup, momentum, classes, batch_size):
+    if callable(learning_rate):
+        raise ValueError(
+            f"Invalid learning_rate: {learning_rate!r}; ELRA takes a number, not a schedule: it adapts its own "
+            "step size from the angle between successive gradients, and learning_rate is only the initial "
+            "step size alpha (read once, by init), so a schedule could not act on the steps (the torch "
+            "bridge's ELRA likewise lets LR schedulers run on its 'lr' without effect). Pass the initial "
+            "step size as a number.")
     C.check_range("learning_rate", learning_rate, gt=0.0)
     if weight_decay is not None and C.is_concrete(weight_decay):
         C.check_range("weight_decay", weight_decay, ge=0.0, le=1.0)
@@ -682,6 +689,7 @@ def _config(learning_rate, weight_decay, warmup, momentum, classes, batch_size, 
                 special=dnn and dim == _RESNET50_DIM)
 
 
+@C.declare_static("classes", "batch_size", "segments", init_only=("learning_rate",))
 def scale_by_elra(
     learning_rate: Any = 1e-5,
     weight_decay: Any = 0.0,
@@ -721,6 +729,7 @@ def scale_by_elra(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@C.declare_static("classes", "batch_size", "segments", init_only=("learning_rate",))
 def elra(
     learning_rate: Any = 1e-5,
     weight_decay: Any = 0.0,
@@ -751,7 +760,11 @@ def elra(
     window are updated. No ``scale_by_learning_rate`` follows: ELRA owns its step size.
 
     Args:
-      learning_rate: initial α > 0 (grows by itself; 1e-6 … 1e-4 are typical).
+      learning_rate: initial α > 0 (grows by itself; 1e-6 … 1e-4 are typical). Read by ``init`` only, so a
+        schedule is rejected (ValueError) and ``jaxopt_suite.inject_hyperparams`` keeps it static: ELRA's own
+        angle rule sets every later step size (elra.md §1.1, §5 D1: the bridge's LR schedulers have no effect).
+        Plain ``optax.inject_hyperparams`` injects it anyway: there a changed ``state.hyperparams`` entry, or a
+        schedule optax evaluates, acts through ``init`` only (its value at count 0).
       weight_decay: 0 (off) or in (0, 0.1); a value above 0.5 means ``1 − weight_decay`` (0.9999 → 1e-4).
         Dynamic decay needs ``weight_decay > 0`` and both ``train_loss`` and ``valid_loss``.
       warmup: DNN lr ramp ``lr ≤ lr_old·t/warmup`` (1 = none).

@@ -72,6 +72,7 @@ def _zero_momentum(state: Any, sync: jax.Array) -> Any:
     return state
 
 
+@C.declare_static("inner", "reset")
 def lookahead(
     inner: optax.GradientTransformation,
     sync_period: Any = 5,
@@ -159,6 +160,7 @@ def lookahead_slow_params(state: Any) -> Any:
     raise ValueError("The state contains no LookaheadState; was the optimizer built with lookahead()?")
 
 
+@C.declare_static("nesterov", "maximize", "reset", "weight_decay_mask", "segments")
 def lookahead_sgd(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     momentum: Optional[Any] = None,
@@ -186,6 +188,7 @@ def lookahead_sgd(
     )
 
 
+@C.declare_static("amsgrad", "decoupled_weight_decay", "maximize", "reset", "weight_decay_mask", "segments")
 def lookahead_adam(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

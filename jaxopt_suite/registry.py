@@ -2,8 +2,9 @@
 
 Tests, the torch bridge, the parity runner, the benchmarks and the main job read this table instead of
 special-casing optimizer names. An entry says how to build the optimizer, which extra arguments its
-``update`` needs, which arguments are static for ``optax.inject_hyperparams``, its torch-style defaults and
-state-key names, and settings known to work on the contract problems and on the digits demo.
+``update`` needs, which arguments are static for ``optax.inject_hyperparams`` (as its factory declares
+them), its torch-style defaults and state-key names, and settings known to work on the contract problems
+and on the digits demo.
 
 Several entries may share one factory (e.g. two modes of ELRA, several AutoSGM configurations): the entry
 name is the unit that tests, parity rows and demo rows are keyed by.
@@ -17,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 
 # Import functions, not modules: the package re-exports functions named like their modules
 # (``jaxopt_suite.sgd`` is the function), so ``from . import sgd`` would not give the module.
+from ._common import static_args_of
 from .adam import adam, adamw
 from .adopt import adopt
 from .asgd import asgd
@@ -42,7 +44,9 @@ class OptimizerEntry:
       kwargs: arguments that distinguish this entry from the bare factory (e.g. a mode or configuration);
         every use of the entry passes them.
       requires_value: ``update`` needs the keyword ``value`` (the loss).
-      static_args: argument names that ``inject_hyperparams`` must treat as static.
+      static_args: argument names that ``inject_hyperparams`` must treat as static: not an entry field
+        but the factory's own declaration (``_common.declare_static``), which
+        ``jaxopt_suite.inject_hyperparams`` applies by itself.
       hyperparams: numeric hyperparameter names that may be injected/traced (the bridge reads these from
         its param groups every step).
       converge: per contract problem (``"parabola"``, ``"rosenbrock"``) the kwargs known to reach the
@@ -59,6 +63,8 @@ class OptimizerEntry:
       supports_complex: whether complex parameters are supported.
       supports_segments: the factory accepts ``segments=FlatLayout`` (flat bridge path).
       stochastic: the update uses randomness (a PRNG key in state).
+      supports_schedules: ``learning_rate`` may be an optax schedule (used with optax's count: 0 at the first
+        update); False: the factory rejects one at construction (ValueError naming ``learning_rate``).
       supports_grad_mask: ``update`` honours the ``grad_mask`` extra arg (torch's skip of parameters without
         a gradient): a False leaf gets an exactly zero update and bit-identical state.
       description: one line for tables.
@@ -69,7 +75,7 @@ class OptimizerEntry:
     family: str
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=_frozen)
     requires_value: bool = False
-    static_args: tuple[str, ...] = ()
+    static_args: tuple[str, ...] = dataclasses.field(init=False)
     hyperparams: tuple[str, ...] = ()
     converge: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=_frozen)
     demo_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=_frozen)
@@ -82,7 +88,12 @@ class OptimizerEntry:
     supports_segments: bool = True
     stochastic: bool = False
     supports_grad_mask: bool = False
+    supports_schedules: bool = True
     description: str = ""
+
+    def __post_init__(self):
+        # one list per factory, declared next to it; the entry only reads it
+        object.__setattr__(self, "static_args", static_args_of(self.factory))
 
     def build(self, **overrides: Any):
         """The transformation with the entry's kwargs updated by ``overrides``."""
@@ -127,7 +138,6 @@ register(OptimizerEntry(
     factory=sgd,
     family="sgd",
     kwargs={"momentum": 0.9},
-    static_args=("nesterov", "maximize", "weight_decay_mask", "segments"),
     hyperparams=("learning_rate", "momentum", "dampening", "weight_decay"),
     converge={"parabola": {"learning_rate": 1e-2}, "rosenbrock": {"learning_rate": 1e-4}},
     demo_kwargs={"learning_rate": 0.05, "momentum": 0.9},
@@ -142,7 +152,6 @@ register(OptimizerEntry(
     name="adam",
     factory=adam,
     family="adam",
-    static_args=("amsgrad", "decoupled_weight_decay", "maximize", "weight_decay_mask", "segments"),
     hyperparams=("learning_rate", "b1", "b2", "eps", "weight_decay"),
     converge={"parabola": {"learning_rate": 1e-1}, "rosenbrock": {"learning_rate": 1e-2}},
     demo_kwargs={"learning_rate": 1e-3},
@@ -157,7 +166,6 @@ register(OptimizerEntry(
     name="adamw",
     factory=adamw,
     family="adam",
-    static_args=("amsgrad", "maximize", "weight_decay_mask", "segments"),
     hyperparams=("learning_rate", "b1", "b2", "eps", "weight_decay"),
     converge={"parabola": {"learning_rate": 1e-1, "weight_decay": 0.0},
               "rosenbrock": {"learning_rate": 1e-2, "weight_decay": 0.0}},
@@ -175,7 +183,6 @@ register(OptimizerEntry(
     supports_grad_mask=True,
     factory=adopt,
     family="adopt",
-    static_args=("decouple", "clip_value_fn", "maximize", "segments"),
     hyperparams=("learning_rate", "b1", "b2", "eps", "weight_decay"),
     converge={"parabola": {"learning_rate": 3e-2}, "rosenbrock": {"learning_rate": 3e-2}},
     demo_kwargs={"learning_rate": 1e-3},
@@ -192,7 +199,6 @@ register(OptimizerEntry(
     supports_grad_mask=True,
     factory=asgd,
     family="asgd",
-    static_args=("maximize", "scalar_dtype", "segments"),
     hyperparams=("learning_rate", "lambd", "alpha", "t0", "weight_decay"),
     converge={"parabola": {"learning_rate": 1e-2}, "rosenbrock": {"learning_rate": 1e-3}},
     demo_kwargs={"learning_rate": 0.05},
@@ -208,7 +214,6 @@ register(OptimizerEntry(
     factory=asgd,
     family="asgd",
     kwargs={"momentum": 0.9},
-    static_args=("maximize", "scalar_dtype", "segments"),
     hyperparams=("learning_rate", "lambd", "alpha", "t0", "weight_decay", "momentum"),
     converge={"parabola": {"learning_rate": 1e-3}, "rosenbrock": {"learning_rate": 1e-3}},
     demo_kwargs={"learning_rate": 0.05},
@@ -227,7 +232,6 @@ register(OptimizerEntry(
     factory=lookahead_sgd,
     family="lookahead",
     kwargs={"momentum": 0.9},
-    static_args=("nesterov", "maximize", "reset", "weight_decay_mask", "segments"),
     hyperparams=("learning_rate", "momentum", "dampening", "weight_decay", "sync_period", "slow_step_size"),
     converge={"parabola": {"learning_rate": 1e-2}, "rosenbrock": {"learning_rate": 1e-3}},
     demo_kwargs={"learning_rate": 0.05},
@@ -241,7 +245,6 @@ register(OptimizerEntry(
     supports_grad_mask=True,
     factory=lookahead_adam,
     family="lookahead",
-    static_args=("amsgrad", "decoupled_weight_decay", "maximize", "reset", "weight_decay_mask", "segments"),
     hyperparams=("learning_rate", "b1", "b2", "eps", "weight_decay", "sync_period", "slow_step_size"),
     converge={"parabola": {"learning_rate": 1e-1}, "rosenbrock": {"learning_rate": 3e-2}},
     demo_kwargs={"learning_rate": 1e-3},
@@ -255,7 +258,6 @@ register(OptimizerEntry(
 # AutoSGM family (autosgm.md): named points of the lowpass-filter / learning-rate design space
 # ------------------------------------------------------------------------------------------------
 
-_AUTOSGM_STATIC = ("aoptlr", "num_lrc", "debias", "wd_level", "window", "maximize")
 _AUTOSGM_HYPER = ("learning_rate", "beta_n", "beta_a", "beta_i", "gamma_i", "eta_i", "weight_decay", "eps")
 _AUTOSGM_STATE = ("step", "g_sm", "g_var", "pc", "wsq", "pcx", "lr_num", "cmag", "cvar")
 
@@ -266,7 +268,6 @@ def _autosgm_entry(name, kwargs, *, converge=None, demo_kwargs=None, description
         factory=autosgm,
         family="autosgm",
         kwargs=kwargs,
-        static_args=_AUTOSGM_STATIC,
         hyperparams=_AUTOSGM_HYPER,
         converge=converge or {},
         demo_kwargs=demo_kwargs or {},
@@ -323,7 +324,6 @@ register(OptimizerEntry(
     family="elra",
     kwargs={"classes": 0},
     requires_value=True,
-    static_args=("classes", "batch_size", "segments"),
     hyperparams=("learning_rate", "weight_decay", "warmup", "momentum"),
     converge={"parabola": {"learning_rate": 1e-5}, "rosenbrock": {"learning_rate": 1e-3}},
     demo_kwargs={"learning_rate": 1e-4, "warmup": 10},
@@ -331,6 +331,7 @@ register(OptimizerEntry(
     torch_state_keys=("x_lastgood", "g_old"),
     torch_reference="elra.ElraOptimizer",
     supports_complex=False,
+    supports_schedules=False,  # learning_rate is only ELRA's initial step size
     description="ELRA P2M, MATH mode (steps by the adaptive alpha; elra 0.0.5 default)",
 ))
 
@@ -340,7 +341,6 @@ register(OptimizerEntry(
     family="elra",
     kwargs={"classes": 10, "batch_size": 64},
     requires_value=True,
-    static_args=("classes", "batch_size", "segments"),
     hyperparams=("learning_rate", "weight_decay", "warmup", "momentum"),
     converge={"parabola": {"learning_rate": 1e-5}},
     demo_kwargs={"learning_rate": 1e-5},
@@ -348,6 +348,7 @@ register(OptimizerEntry(
     torch_state_keys=("x_lastgood", "g_old", "coll_grad"),
     torch_reference="elra.ElraOptimizer",
     supports_complex=False,
+    supports_schedules=False,  # learning_rate is only ELRA's initial step size
     description="ELRA P2M, DNN mode (clipped lr, dynamic batch size; classes=10)",
 ))
 
@@ -357,13 +358,6 @@ register(OptimizerEntry(
 # ------------------------------------------------------------------------------------------------
 
 
-ENHANCED_SGD_STATIC_ARGS = (
-    "lookahead_k", "apply_noise", "adaptive_momentum", "gradient_centering", "centering_axis",
-    "gradient_clipping", "gradient_retention", "gradient_buffer_size", "lr_scale_bounds",
-    "momentum_scale_bounds", "max_momentum", "spike_recovery_steps", "entropy_bins", "bayesian_init",
-    "bayesian_prior_std", "seed",
-)
-
 register(OptimizerEntry(
     name="enhanced_sgd",
     factory=enhanced_sgd,
@@ -371,7 +365,6 @@ register(OptimizerEntry(
     # The loss drives the Q-learning controller and the spike handling; ``update`` also runs without it
     # (both are then skipped), but every consumer of the table should pass it.
     requires_value=True,
-    static_args=ENHANCED_SGD_STATIC_ARGS,
     hyperparams=("learning_rate", "momentum", "smoothing_factor", "noise_scale", "entropy_weight",
                  "loss_correction_factor", "retention_weight", "q_learning_rate", "q_discount",
                  "q_epsilon_decay", "q_epsilon_min", "lookahead_alpha"),

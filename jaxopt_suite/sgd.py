@@ -38,6 +38,7 @@ class SGDState(NamedTuple):
     momentum_buffer: Any
 
 
+@C.declare_static("nesterov", "segments")
 def scale_by_sgd_momentum(
     momentum: Any = 0.9,
     dampening: Any = 0.0,
@@ -86,6 +87,7 @@ def scale_by_sgd_momentum(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@C.declare_static("nesterov", "maximize", "weight_decay_mask", "segments")
 def sgd(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     momentum: Optional[Any] = None,

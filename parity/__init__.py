@@ -8,6 +8,10 @@
 * ``python -m parity`` prints the table and exits non-zero when a row exceeds its tolerance
   (``-k WORD`` filters, ``--list`` lists, ``--backend jax|bridge_flat|bridge_simple`` selects ours).
 
+Tolerances: a case's bar is ``K δ`` (:func:`parity.runner.rounding_response`; K = 8 by default), where δ
+is how far our own trajectory moves when every step carries one rounding error per gradient element,
+loss and parameter. A case may raise K or declare ``atol``/``rtol`` only with a ``tolerance_reason``.
+
 Adding rows for an optimizer family: create ``parity/cases_<family>.py`` exposing ``CASES`` (a list of
 ``ParityCase``) or ``cases()``. Discovery imports every such module; ``tests/parity/test_parity.py`` runs
 each case through the same runner, so nothing else needs editing. A case whose registry entry is not

@@ -90,7 +90,7 @@ def run_jax(tx, steps: int, dtype=torch.float64, jit: bool = True, sign=1.0):
             grads = {k: jnp.asarray(p.grad.numpy()) for k, p in net.named_parameters()}
             updates, state = update(grads, state, params)
             params = jax.tree.map(lambda p, u: p + u, params, updates)
-        out = {k: np.asarray(params[k]) for k in names}
+        out = {k: np.array(params[k]) for k in names}  # writable copies, for torch.from_numpy
     with torch.no_grad():
         for k, p in net.named_parameters():
             p.copy_(torch.from_numpy(out[k]))

@@ -5,7 +5,8 @@ pure JAX optimizer itself (the ``suite`` reference); discovery repeats each row 
 and simple paths (``@bridge_flat`` / ``@bridge_simple``), which are the rows this module is about. The
 ``jax`` rows against ``suite`` compare the entry with itself (0 by construction) and only anchor the table.
 
-Tolerances (100 steps): float64 1e-10 absolute; float32 1e-5 relative to the parameter scale. ADOPT is
+Tolerances (100 steps) come from the error model (:func:`parity.runner.rounding_response`, K δ): on
+max |Δ| in float64, on max |Δ| relative to the parameter scale in float32. ADOPT is
 float64 only (its ε floor and clipping amplify float32 rounding) and uses lr 1e-3 with coupled decay,
 where the references agree (at lr 1e-2 torch-adopt and pure JAX already differ by 3e-7).
 """
@@ -33,7 +34,8 @@ _ROWS = [
      ("float64", "float32")),
 ]
 
-_TOL = {"float64": dict(atol=1e-10), "float32": dict(rtol=1e-5)}
+# error-model tolerances (parity.runner.rounding_response) on max |Δ| (float64) and max rel (float32)
+_MEASURE = {"float64": "abs", "float32": "rel"}
 _SHORT = {"float64": "f64", "float32": "f32"}
 
 
@@ -45,7 +47,7 @@ def cases():
                 out.append(ParityCase(
                     name=f"bridge_{stem}_vs_{label}_digits_{_SHORT[dtype]}",
                     entry=entry, kwargs=jkw, reference=ref, problem="digits_mlp", dtype=dtype, steps=STEPS,
-                    bridge_kwargs=tkw, **_TOL[dtype],
+                    bridge_kwargs=tkw, measure=_MEASURE[dtype],
                     note="bridge class on the digits MLP vs " + ("torch" if label == "torch" else "pure JAX"),
                 ))
     return out

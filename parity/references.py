@@ -110,7 +110,7 @@ class _JaxSide(Side):
     framework = "jax"
 
     def __init__(self, label, tx, params, dtype, *, value_kw: bool, use_mask: bool, extras=None,
-                 to_params=None, from_params=None):
+                 to_params=None, from_params=None, compiled=None):
         import jax
         import optax
 
@@ -131,7 +131,9 @@ class _JaxSide(Side):
             updates, state = tx.update(grads, state, opt_params, **extra)
             return optax.apply_updates(opt_params, updates), state
 
-        self._step = jax.jit(step)
+        # ``compiled``: a jitted step of the same transformation from an earlier side (jit's cache then
+        # serves this side without compiling again)
+        self._step = compiled if compiled is not None else jax.jit(step)
 
     def params(self):
         return self._to_params(self._opt_params)
@@ -145,6 +147,17 @@ class _JaxSide(Side):
         value = jnp.asarray(0.0 if value is None else value, self._dtype)
         self._opt_params, self._state = self._step(self._opt_params, self._state, grads, value, mask)
 
+    def perturb(self, rel: float, signs: Mapping[str, np.ndarray]) -> None:
+        """Multiply every param element by ``1 + rel * sign`` (the error model's injected rounding error,
+        see :func:`parity.runner.rounding_response`).
+
+        Only for sides whose optimizer params are the model params (suite and plain optax sides)."""
+        import jax.numpy as jnp
+
+        if self._to_params(self._opt_params) is not self._opt_params:
+            raise TypeError(f"{self.label}: params cannot be perturbed through a params mapping")
+        self._opt_params = {k: p * jnp.asarray(1 + rel * signs[k], p.dtype) for k, p in self._opt_params.items()}
+
     def observe(self):
         out = P.to_numpy(self.params())
         if self._extras is not None:
@@ -156,6 +169,12 @@ class _JaxSide(Side):
     @property
     def state(self):
         return self._state
+
+
+# (id(reference), dtype) -> (the reference, kept alive so that its id stays unique; its transformation; the
+# jitted step of the last side made from it). The transformation is pure, so sides built from one reference
+# share it, and its jitted step compiles once for them all (parity runs drive our side several times).
+_SUITE_STEPS: dict = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +197,15 @@ class SuiteReference(Reference):
         from jaxopt_suite import registry
 
         entry = registry.get(self.entry)
-        kwargs = self.kwargs() if callable(self.kwargs) else dict(self.kwargs)
-        tx = entry.build(**kwargs)
-        return _JaxSide(self.name, tx, params, dtype, value_kw=entry.requires_value, use_mask=True,
-                        extras=self.extras)
+        key = (id(self), dtype)
+        if key not in _SUITE_STEPS:
+            kwargs = self.kwargs() if callable(self.kwargs) else dict(self.kwargs)
+            _SUITE_STEPS[key] = (self, entry.build(**kwargs), None)
+        _, tx, compiled = _SUITE_STEPS[key]
+        side = _JaxSide(self.name, tx, params, dtype, value_kw=entry.requires_value, use_mask=True,
+                        extras=self.extras, compiled=compiled)
+        _SUITE_STEPS[key] = (self, tx, side._step)
+        return side
 
     def describe(self) -> str:
         kwargs = "(lazy kwargs)" if callable(self.kwargs) else _describe(self.kwargs)

@@ -34,6 +34,8 @@ from . import problems as P
 from .references import Reference, suite
 
 _TINY = 1e-30
+_PERTURB_SEED = 20240607
+ROUNDING_ULPS = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,12 @@ class ParityCase:
       problem: problem name (:mod:`parity.problems`).
       dtype: ``"float32"`` or ``"float64"``.
       steps: number of optimizer steps.
-      atol: tolerance on ``max_abs``; rtol: tolerance on ``max_rel``.
+      ulps: the error model's K (see :func:`rounding_response`): the tolerance is K × δ, δ the response
+        of our trajectory to one rounding error per element per step. Default :data:`ROUNDING_ULPS`.
+      measure: ``"abs"`` (the model bounds ``max_abs``) or ``"rel"`` (``max_rel``: for trajectories whose
+        scale spans orders of magnitude).
+      atol, rtol: a declared tolerance on ``max_abs`` / ``max_rel`` instead of the model, for a difference
+        that is not rounding (``tolerance_reason`` must say what it is and where the bound comes from).
       wrong: a known-wrong variant that must be far from ours (sensitivity), or ``None``.
       wrong_factor: how far (in multiples of the tolerance) ``wrong`` must be.
       extras: ``(state, params) -> {what: {param: array}}`` state quantities of ours to compare with the
@@ -78,6 +85,9 @@ class ParityCase:
     steps: int = 100
     atol: Optional[float] = None
     rtol: Optional[float] = None
+    tolerance_reason: str = ""
+    ulps: float = ROUNDING_ULPS
+    measure: str = "abs"
     wrong: Optional[Reference] = None
     wrong_factor: float = 10.0
     extras: Optional[Callable[[Any, Any], Mapping[str, Mapping[str, Any]]]] = None
@@ -92,8 +102,16 @@ class ParityCase:
     note: str = ""
 
     def __post_init__(self):
-        if self.atol is None and self.rtol is None:
-            raise ValueError(f"case {self.name!r}: give atol and/or rtol")
+        if (self.atol is not None or self.rtol is not None) and not self.tolerance_reason:
+            raise ValueError(f"case {self.name!r}: a declared atol/rtol needs a tolerance_reason (else the "
+                             f"error model sets the tolerance)")
+        if self.measure not in ("abs", "rel"):
+            raise ValueError(f"case {self.name!r}: measure must be 'abs' or 'rel', got {self.measure!r}")
+        if not self.ulps > 0:
+            raise ValueError(f"case {self.name!r}: ulps must be > 0, got {self.ulps!r}")
+        if self.ulps != ROUNDING_ULPS and not self.tolerance_reason:
+            raise ValueError(f"case {self.name!r}: ulps other than the model's {ROUNDING_ULPS:g} needs a "
+                             f"tolerance_reason")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"case {self.name!r}: dtype must be 'float32' or 'float64', got {self.dtype!r}")
         P.get(self.problem)  # unknown problems fail at declaration
@@ -132,7 +150,14 @@ class ParityCase:
                 return f"torch_bridge has no class {cls!r}"
         return None
 
+    @property
+    def modelled(self) -> bool:
+        """Whether the error model sets the tolerance (no declared atol/rtol)."""
+        return self.atol is None and self.rtol is None
+
     def tolerance_str(self) -> str:
+        if self.modelled:
+            return f"{self.measure} {self.ulps:g}δ"
         parts = []
         if self.atol is not None:
             parts.append(f"abs {self.atol:.0e}")
@@ -159,6 +184,8 @@ class ParityResult:
     max_rel: float = float("nan")
     wrong_abs: Optional[float] = None
     wrong_rel: Optional[float] = None
+    rounding_abs: Optional[float] = None
+    rounding_rel: Optional[float] = None
     seconds: float = 0.0
     ours: list = dataclasses.field(default_factory=list)
     ref: list = dataclasses.field(default_factory=list)
@@ -167,10 +194,41 @@ class ParityResult:
     ref_side: Any = None
     error: Optional[BaseException] = None
 
+    def _bar(self, measure: str, declared: Optional[float], delta: Optional[float]) -> Optional[float]:
+        """The tolerance in force on one measure: declared, or K × δ when the model bounds this measure."""
+        c = self.case
+        if not c.modelled:
+            return declared
+        return None if c.measure != measure or delta is None else c.ulps * delta
+
+    @property
+    def atol(self) -> Optional[float]:
+        """The tolerance on ``max_abs`` in force: declared, or K × δ (abs measure), else ``None``."""
+        return self._bar("abs", self.case.atol, self.rounding_abs)
+
+    @property
+    def rtol(self) -> Optional[float]:
+        """The tolerance on ``max_rel`` in force: declared, or K × δ (rel measure), else ``None``."""
+        return self._bar("rel", self.case.rtol, self.rounding_rel)
+
+    def tolerance_str(self) -> str:
+        """The tolerance in force, e.g. ``"abs 3.1e-13 (8δ)"`` or ``"rel 1e-06"`` (declared)."""
+        c = self.case
+        if c.modelled and self.atol is None and self.rtol is None:
+            return c.tolerance_str()
+        parts = []
+        if self.atol is not None:
+            parts.append(f"abs {self.atol:.1e}" if c.modelled else f"abs {self.atol:.0e}")
+        if self.rtol is not None:
+            parts.append(f"rel {self.rtol:.1e}" if c.modelled else f"rel {self.rtol:.0e}")
+        return ", ".join(parts) + (f" ({c.ulps:g}δ)" if c.modelled else "")
+
     @property
     def within_tolerance(self) -> bool:
-        c = self.case
-        return bool((c.atol is None or self.max_abs <= c.atol) and (c.rtol is None or self.max_rel <= c.rtol))
+        atol, rtol = self.atol, self.rtol
+        if atol is None and rtol is None:
+            return False  # the model was not evaluated (an error before it): nothing was shown to agree
+        return bool((atol is None or self.max_abs <= atol) and (rtol is None or self.max_rel <= rtol))
 
     @property
     def sensitivity_ok(self) -> Optional[bool]:
@@ -178,9 +236,16 @@ class ParityResult:
         c = self.case
         if c.wrong is None or self.wrong_abs is None:
             return None
-        if c.atol is not None:
-            return bool(self.wrong_abs > c.wrong_factor * c.atol)
-        return bool(self.wrong_rel > c.wrong_factor * c.rtol)
+        if self.atol is not None:
+            return bool(self.wrong_abs > c.wrong_factor * self.atol)
+        return bool(self.wrong_rel > c.wrong_factor * self.rtol)
+
+    @property
+    def wrong_ratio(self) -> Optional[float]:
+        """The known-wrong variant's distance in multiples of the tolerance (None without one)."""
+        if self.wrong_abs is None or (self.atol is None and self.rtol is None):
+            return None
+        return self.wrong_abs / max(self.atol, _TINY) if self.atol is not None else self.wrong_rel / max(self.rtol, _TINY)
 
 
 def compare(ours: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> tuple[float, float]:
@@ -213,25 +278,41 @@ def _x64(dtype: str):
 
 
 def drive(reference: Reference, problem: str, dtype: str, steps: int,
-          none_grads: Mapping[int, Sequence[str]] = MappingProxyType({})):
+          none_grads: Mapping[int, Sequence[str]] = MappingProxyType({}), *, perturb: bool = False):
     """Step ``reference`` on ``problem`` for ``steps`` steps (inside the dtype's x64 context).
 
     Returns ``(side, observations)``: the live side and its observations (index 0 = initial values, then
     one per step). The gradient at each step comes from the side's own params; params named in
     ``none_grads[step]`` get a ``None`` gradient.
+
+    ``perturb=True`` runs the error model's perturbed trajectory (see :func:`rounding_response`).
     """
     prob = P.get(problem)
     with _x64(dtype):
-        side = reference.make(prob.params("numpy", "float64"), dtype)
+        init = prob.params("numpy", "float64")
+        side = reference.make(init, dtype)
+        if perturb:
+            eps = float(np.finfo(dtype).eps)
+            rng = np.random.default_rng(_PERTURB_SEED)
         traj = [side.observe()]
         for step in range(steps):
             value, grads = prob.value_and_grad(side.framework, side.params(), step, dtype)
+            if perturb:
+                grads = {k: g * (1 + eps * sign).astype(dtype) for (k, g), sign in zip(grads.items(), _signs(rng, grads))}
+                value = value * (1 + eps * rng.choice([-1.0, 1.0]))
             skipped = set(none_grads.get(step, ()))
             if skipped:
                 grads = {k: (None if k in skipped else g) for k, g in grads.items()}
             side.step(grads, value=value)
+            if perturb:
+                side.perturb(eps, dict(zip(init, _signs(rng, init))))
             traj.append(side.observe())
     return side, traj
+
+
+def _signs(rng, arrays: Mapping[str, Any]) -> list:
+    """Independent random signs (±1) shaped like each of ``arrays``' values, in their order."""
+    return [rng.choice([-1.0, 1.0], size=np.shape(v)) for v in arrays.values()]
 
 
 def max_diff(ours: Sequence[Mapping[str, np.ndarray]], ref: Sequence[Mapping[str, np.ndarray]]):
@@ -244,21 +325,78 @@ def max_diff(ours: Sequence[Mapping[str, np.ndarray]], ref: Sequence[Mapping[str
 
 class TrajectoryCache:
     """Our side's trajectory for one configuration (backend, entry, kwargs, problem, dtype, steps,
-    none_grads, extras) is computed once and shared by the cases that compare it with several references."""
+    none_grads, extras) is computed once and shared by the cases that compare it with several references;
+    a reference's (and a known-wrong variant's) trajectory is computed once and shared by the backends of
+    ours compared with it (discovery gives the ``@bridge_*`` copies of a case the same reference object)."""
 
     def __init__(self):
         self._store: dict = {}
+        self._refs: dict = {}
 
-    def get(self, case: ParityCase):
+    def reference(self, reference: Reference, case: ParityCase):
+        """``drive(reference, ...)`` on the case's problem, computed once per reference object."""
+        key = (id(reference), case.problem, case.dtype, case.steps,
+               tuple(sorted((k, tuple(v)) for k, v in case.none_grads.items())))
+        if key not in self._refs:
+            # keep the reference alive with its trajectory, so that its id is never reused for another
+            self._refs[key] = (reference, drive(reference, case.problem, case.dtype, case.steps, case.none_grads))
+        return self._refs[key][1]
+
+    @staticmethod
+    def _key(case: ParityCase, backend: str):
         kwargs_key = id(case.kwargs) if callable(case.kwargs) else repr(sorted(dict(case.kwargs).items()))
-        bridge_key = None if case.backend == "jax" else (
+        bridge_key = None if backend == "jax" else (
             repr(sorted(dict(case.bridge_kwargs or {}).items())), getattr(case.reference, "state_keys", ()),
             getattr(case.reference, "default_dtype", None))
-        key = (case.backend, case.entry, kwargs_key, bridge_key, case.problem, case.dtype, case.steps,
-               tuple(sorted((k, tuple(v)) for k, v in case.none_grads.items())), id(case.extras))
+        return (backend, case.entry, kwargs_key, bridge_key, case.problem, case.dtype, case.steps,
+                tuple(sorted((k, tuple(v)) for k, v in case.none_grads.items())), id(case.extras))
+
+    def _ours(self, case: ParityCase):
+        key = self._key(case, case.backend)
         if key not in self._store:
-            self._store[key] = drive(case.ours, case.problem, case.dtype, case.steps, case.none_grads)
+            ours = case.ours
+            self._store[key] = (ours, drive(ours, case.problem, case.dtype, case.steps, case.none_grads))
         return self._store[key]
+
+    def get(self, case: ParityCase):
+        """Our side and trajectory for the case's configuration (computed once)."""
+        return self._ours(case)[1]
+
+    def rounding(self, case: ParityCase) -> tuple[float, float]:
+        """``(δ_abs, δ_rel)`` of :func:`rounding_response` for the case's configuration, computed once and
+        shared by its backends (the bridge computes the same update as the JAX registry entry)."""
+        key = ("rounding", *self._key(case, "jax")[1:])
+        if key not in self._store:
+            jax_case = dataclasses.replace(case, backend="jax")
+            ours, (_, base) = self._ours(jax_case)
+            self._store[key] = rounding_response(ours, case, base=base)
+        return self._store[key]
+
+
+def rounding_response(ours: Reference, case: ParityCase, *, base=None) -> tuple[float, float]:
+    """The error model of the parity tolerances: ``(δ_abs, δ_rel)``, how far our trajectory moves when
+    every step carries one rounding error per element.
+
+    Two correct implementations of one update rule differ only in how they round: another order of the
+    same operations (fused or not, vectorised with other widths, other BLAS kernels in an autograd
+    backward pass). Per step and per element that is a few roundings, each at most one unit of roundoff;
+    what matters for a trajectory is how such differences grow over the steps, which depends on the
+    problem's conditioning and the optimizer's dynamics (contracting near a minimum, amplified by Adam's
+    ``1/√v`` where ``v`` is small, chaotic on Rosenbrock, retraced by ELRA). That growth is measured
+    rather than assumed: our side is driven again with, at every step, every gradient element, the loss
+    and every updated parameter multiplied by ``1 ± ε`` (ε the dtype's machine epsilon, independent
+    random signs), and ``δ`` is :func:`max_diff` between that trajectory and the unperturbed one.
+
+    A modelled case passes when ``max |ours − reference| ≤ K δ`` (``K = case.ulps``, by default
+    :data:`ROUNDING_ULPS` = 8: up to 8 such roundings of difference per element and step, against the
+    ≤ 2 measured for the rows whose references differ from us only in rounding, which leaves room for
+    other CPUs). δ scales with the dtype (ε) and the number of steps, so float64 bars stay as tight as
+    the problem allows and float32 bars widen where the dynamics amplify rounding.
+    """
+    if base is None:
+        _, base = drive(ours, case.problem, case.dtype, case.steps, case.none_grads)
+    _, perturbed = drive(ours, case.problem, case.dtype, case.steps, case.none_grads, perturb=True)
+    return max_diff(perturbed, base)
 
 
 def run_case(case: ParityCase, *, cache: Optional[TrajectoryCache] = None) -> ParityResult:
@@ -270,11 +408,14 @@ def run_case(case: ParityCase, *, cache: Optional[TrajectoryCache] = None) -> Pa
         return result
     t0 = time.perf_counter()
     try:
-        ours_side, ours = (cache or TrajectoryCache()).get(case)
-        ref_side, ref = drive(case.reference, case.problem, case.dtype, case.steps, case.none_grads)
+        cache = cache or TrajectoryCache()
+        ours_side, ours = cache.get(case)
+        ref_side, ref = cache.reference(case.reference, case)
         result.max_abs, result.max_rel = max_diff(ours, ref)
+        if case.modelled:
+            result.rounding_abs, result.rounding_rel = cache.rounding(case)
         if case.wrong is not None:
-            _, result.wrong_traj = drive(case.wrong, case.problem, case.dtype, case.steps, case.none_grads)
+            _, result.wrong_traj = cache.reference(case.wrong, case)
             result.wrong_abs, result.wrong_rel = max_diff(ours, result.wrong_traj)
     except ModuleNotFoundError as exc:  # an optional reference package is not installed
         result.status, result.reason = "SKIP", f"missing module: {exc.name}"
@@ -289,7 +430,7 @@ def run_case(case: ParityCase, *, cache: Optional[TrajectoryCache] = None) -> Pa
     result.ours_side, result.ref_side = ours_side, ref_side
     failures = []
     if not result.within_tolerance:
-        failures.append(f"exceeds {case.tolerance_str()}")
+        failures.append(f"exceeds {result.tolerance_str()}")
     if result.sensitivity_ok is False:
         failures.append(f"known-wrong variant only {result.wrong_abs:.2e} away (< {case.wrong_factor:g}x tol)")
     if case.check is not None:

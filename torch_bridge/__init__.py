@@ -5,6 +5,13 @@ and torch-format ``state_dict``. See :mod:`torch_bridge.optimizer` for the execu
 to write a new class.
 """
 
+try:
+    import torch  # noqa: F401
+except ModuleNotFoundError as exc:  # the bridge is an optional part of the distribution
+    raise ModuleNotFoundError(
+        "torch_bridge needs PyTorch, which is not installed: install your torch build (>= 2.13), "
+        "or `pip install 'jaxopt-suite[torch]'`", name="torch") from exc
+
 from .adam import Adam, AdamW
 from .adopt import ADOPT
 from .asgd import ASGD

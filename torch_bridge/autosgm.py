@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -189,6 +190,33 @@ class AutoSGM(JaxOptimizer):
         if key == "step":
             return torch.tensor(int(np.asarray(value)), dtype=torch.int64)
         return super()._state_value_to_torch(key, value, param)
+
+    # ---- checkpoint conversion (torch_bridge.checkpoint) ---------------------------------------
+    # The smoothing filter's state has two representations (jaxopt_suite.autosgm.filters.lowpass): with γ_i
+    # a concrete 0 it holds the pre-pole sum q_t, otherwise S_t = β_i·q_t. The bridge traces γ_i, so its
+    # state (and torch's ``g_sm``) is S_t; a JAX transformation built from Python numbers with γ_i = 0 (as
+    # ``jaxopt_suite.autosgm(...)`` and the registry build it) holds q_t. The conversions target the latter.
+    def _checkpoint_export(self):
+        """As :meth:`JaxOptimizer._checkpoint_export`; with γ_i = 0 the filter state is given as q_t = S_t/β_i
+        (the next step forms β_i·q_t again: the division is exact up to one rounding)."""
+        tx, state, params, kwargs = super()._checkpoint_export()
+        if float(kwargs["gamma_i"]) == 0.0 and float(kwargs["beta_i"]) != 0.0 and state.grad_filter is not None:
+            beta = float(kwargs["beta_i"])
+            state = state._replace(grad_filter=[
+                jnp.asarray(np.asarray(s) / np.asarray(beta, np.asarray(s).dtype)) for s in state.grad_filter])
+        return tx, state, params, kwargs
+
+    def _checkpoint_import(self, state) -> None:
+        """As :meth:`JaxOptimizer._checkpoint_import`; with γ_i = 0 the filter state q_t becomes S_t = β_i·q_t,
+        rounded as the next JAX step would form it."""
+        group = self.param_groups[0] if len(self.param_groups) == 1 else None
+        if group is not None and state.grad_filter is not None:
+            hyper = self._hyperparams(group)
+            if hyper["gamma_i"] == 0.0:
+                beta = hyper["beta_i"]
+                state = state._replace(grad_filter=[
+                    jnp.asarray(np.asarray(beta, np.asarray(q).dtype) * np.asarray(q)) for q in state.grad_filter])
+        super()._checkpoint_import(state)
 
     # ---- torch.optim API ----------------------------------------------------------------------
     def step(self, closure=None, history=None):

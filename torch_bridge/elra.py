@@ -567,6 +567,39 @@ class ELRA(JaxOptimizer):
             d[field] = leaves
         return ElraState(**d)
 
+    # ---- checkpoint conversion (torch_bridge.checkpoint) ---------------------------------------------
+    def _checkpoint_export(self):
+        """``(tx, state, params, kwargs)``: the JAX state in the per-tensor (list) layout, built from the
+        torch-side state as the next call would build it (see ``JaxOptimizer._checkpoint_export``)."""
+        self._sync_state_to_torch()
+        saved = self._leaves
+        self._leaves = [_SimpleLeaves(list(self._order))]
+        try:
+            state = self._import_state(_bridge_init(self._jax_params(), cfg=self._cfg))
+        finally:
+            self._leaves = saved
+        kw = dict(self._cfg)
+        tx = elra(kw["learning_rate"], kw["weight_decay"], kw["warmup"], kw["momentum"], classes=kw["classes"],
+                  batch_size=kw["batch_size"])
+        return tx, state, list(self._order), kw
+
+    def _checkpoint_import(self, state) -> None:
+        """Make the list-layout ``state`` this optimizer's state (torch side authoritative afterwards)."""
+        self._sync_state_to_torch()
+        saved = self._leaves
+        self._leaves = [_SimpleLeaves(list(self._order))]
+        try:
+            self._jstate = state
+            self._sync_state_to_torch()
+        finally:
+            self._leaves = saved
+        self._jstate = None
+        self._needs_import = True
+        # the host-side call counter (it guards the first call's positive-loss check): the calls that
+        # stepped plus those skipped, which the JAX state counts
+        self._calls = int(np.asarray(state.step_cnt)) + int(np.asarray(state.skipped))
+        dict.__getitem__(self.state, "elra")["calls"] = torch.tensor(self._calls, dtype=torch.int64)
+
     def state_dict(self):
         self._sync_state_to_torch()
         return torch.optim.Optimizer.state_dict(self)

@@ -23,6 +23,7 @@ Arguments accepted for compatibility and ignored (they have no effect in the ref
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Hashable, Optional
 
@@ -52,6 +53,7 @@ _IGNORED = ("decay", "usage_case", "max_steps")
 # static options that only ``init`` reads: the compiled update does not depend on them
 _INIT_ONLY = ("bayesian_init", "bayesian_prior_std", "seed")
 _PER_PARAM_FIELDS = ("momentum_buffer", "retained")
+_FACTORY_ARGS = tuple(inspect.signature(T.enhanced_sgd).parameters)
 
 
 def _transformation(lrs, moms, scalars, static):
@@ -317,6 +319,31 @@ class EnhancedSGD(JaxOptimizer):
             self._ensure_state(), None, d["bayesian_prior_std"], lr_scale_bounds=d["lr_scale_bounds"],
             momentum_scale_bounds=d["momentum_scale_bounds"], adaptive_momentum=d["adaptive_momentum"])
         self._stale = True
+
+    # ---- checkpoint conversion (torch_bridge.checkpoint) ---------------------------------------------
+    def _checkpoint_export(self):
+        """``(tx, state, params, kwargs)``: the JAX state over the parameter list (param_groups order),
+        built from the torch-side state as the next step would build it; ``tx`` is the suite's
+        ``enhanced_sgd`` with these options (one learning rate and momentum: groups must agree)."""
+        lrs = {float(g["lr"]) for g in self.param_groups}
+        moms = {float(g["momentum"]) for g in self.param_groups}
+        if len(lrs) > 1 or len(moms) > 1:
+            raise ValueError("EnhancedSGD: the param groups use different 'lr' / 'momentum'; a checkpoint "
+                             "conversion maps onto one enhanced_sgd(learning_rate, momentum)")
+        self._refresh_state()
+        state = self._build_state()
+        kwargs = {"learning_rate": lrs.pop(), "momentum": moms.pop(),
+                  **{k: float(self.defaults[k]) for k in _SCALARS if k in _FACTORY_ARGS},
+                  **{k: v for k, v in self._static()}}
+        from jaxopt_suite import registry
+
+        return registry.get("enhanced_sgd").build(**kwargs), state, self._params(), kwargs
+
+    def _checkpoint_import(self, state) -> None:
+        """Make the list-layout ``state`` this optimizer's state (torch side authoritative afterwards)."""
+        self._jstate = state
+        self._export()
+        self._jstate = None
 
     def state_dict(self):
         self._refresh_state()

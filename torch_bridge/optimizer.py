@@ -88,8 +88,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from jaxopt_suite import checkpoint as _ckpt
 from jaxopt_suite import registry
-from jaxopt_suite._common import STACKED_FIELDS_ATTR, FlatLayout
+from jaxopt_suite._common import FlatLayout, factory_signature
 
 from . import dlpack
 
@@ -160,69 +161,12 @@ def compiled_step_cache_size() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _walk_state(node, params_def, path=(), out=None):
-    """List ``(path, subtree, is_per_param)``; per-param subtrees are shaped like the params list."""
-    if out is None:
-        out = []
-    if node is None:
-        return out
-    if isinstance(node, list) and jax.tree.structure(node) == params_def:
-        out.append((path, node, True))
-        return out
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
-        for field in node._fields:
-            child, child_path = getattr(node, field), path + (f"{type(node).__name__}.{field}",)
-            if _is_stacked(node, field, child, params_def):
-                # per-param scalars stacked in one vector: seen per parameter, entry i for param i
-                out.append((child_path, list(np.asarray(child)), True))
-            else:
-                _walk_state(child, params_def, child_path, out)
-    elif isinstance(node, (tuple, list)):
-        for i, child in enumerate(node):
-            _walk_state(child, params_def, path + (str(i),), out)
-    elif isinstance(node, dict):
-        for key in sorted(node):
-            _walk_state(node[key], params_def, path + (str(key),), out)
-    else:
-        out.append((path, node, False))
-    return out
-
-
-def _rebuild_state(node, params_def, replacements, path=()):
-    """``node`` with the subtrees at the paths of ``replacements`` replaced."""
-    if path in replacements:
-        return replacements[path]
-    if node is None:
-        return None
-    if isinstance(node, list) and jax.tree.structure(node) == params_def:
-        return node
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
-        children = []
-        for f in node._fields:
-            child = getattr(node, f)
-            new = _rebuild_state(child, params_def, replacements, path + (f"{type(node).__name__}.{f}",))
-            if _is_stacked(node, f, child, params_def) and isinstance(new, list):
-                new = jnp.stack([jnp.asarray(x, child.dtype).reshape(()) for x in new])
-            children.append(new)
-        return type(node)(*children)
-    if isinstance(node, (tuple, list)):
-        return type(node)(_rebuild_state(c, params_def, replacements, path + (str(i),)) for i, c in enumerate(node))
-    if isinstance(node, dict):
-        return {k: _rebuild_state(node[k], params_def, replacements, path + (str(k),)) for k in node}
-    return node
-
-
-def _is_stacked(node, field: str, child, params_def) -> bool:
-    """Whether ``node.field`` holds one scalar per parameter stacked in a vector (``STACKED_FIELDS_ATTR``)."""
-    return (field in getattr(type(node), STACKED_FIELDS_ATTR, ())
-            and hasattr(child, "shape") and tuple(child.shape) == (params_def.num_leaves,))
-
-
-def _field_matches(path: tuple[str, ...], spec: str) -> bool:
-    if not path:
-        return False
-    last = path[-1]
-    return last == spec or last.split(".", 1)[-1] == spec or "/".join(path) == spec
+# The walk itself is shared with the cross-framework conversions (jaxopt_suite.checkpoint): one
+# implementation of "which state leaves are per parameter" for the bridge and for checkpoints.
+_walk_state = _ckpt.walk_state
+_rebuild_state = _ckpt.rebuild_state
+_is_stacked = _ckpt.is_stacked
+_field_matches = _ckpt.field_matches
 
 
 def _path_name(path: tuple[str, ...]) -> str:
@@ -1002,6 +946,56 @@ class JaxOptimizer(torch.optim.Optimizer):
                     buf.step(self, group, entry_name, static, hyper, v)
         return loss
 
+    # ---- checkpoint conversion (torch_bridge.checkpoint) ---------------------------------------
+    def _checkpoint_export(self):
+        """``(tx, state, params, kwargs)`` of the single param group in the per-tensor (list) layout.
+
+        ``state`` is what the next step would start from, built from the torch-side state exactly as the
+        simple path builds it (:meth:`_Buffer.build_state`); ``tx`` is the transformation for any pytree of
+        these parameters; ``kwargs`` its factory arguments (for hyperparameter checks).
+        """
+        group, spec, hyper = self._checkpoint_group()
+        self._refresh_state()
+        tmp = _SimpleBuffer(list(group["params"]))
+        tmp.stepped = np.array([bool(dict.get(self.state, p)) for p in tmp.params], dtype=bool)
+        device = dlpack.to_jax(tmp.params[0].detach()).devices().pop()
+        state = tmp.build_state(self, group, hyper, spec, device)
+        return spec.transformation(hyper), state, tmp.params, {**dict(spec.static), **hyper}
+
+    def _checkpoint_import(self, state) -> None:
+        """Make the list-layout ``state`` (see :meth:`_checkpoint_export`) this optimizer's state.
+
+        A parameter whose step count (``step`` or a presence counter such as SGD's) is 0 gets no torch-side
+        state, as in torch before its first step (torch SGD then starts its buffer from the gradient).
+        """
+        group, spec, _ = self._checkpoint_group()
+        self._refresh_state()
+        tmp = _SimpleBuffer(list(group["params"]))
+        walked = _walk_state(state, tmp._params_def())
+        names = self._field_names(walked)
+        stepped = np.ones(len(tmp.params), dtype=bool)
+        for path, sub, per_param in walked:
+            if per_param and (self._is_presence(path) or self._is_scalar_key(names[path] or "")):
+                stepped &= np.array([np.asarray(x).reshape(-1)[0] > 0 for x in sub], dtype=bool)
+        tmp.state, tmp.spec, tmp.stepped = state, spec, stepped
+        tmp.export(self, group)
+        # the torch-side state is now authoritative: every buffer rebuilds its JAX state from it
+        for rt in getattr(self, "_runtime", []):
+            for buf in rt.buffers:
+                buf.state, buf.spec, buf.stale = None, None, False
+                buf.stepped = np.array([bool(dict.get(self.state, p)) for p in buf.params], dtype=bool)
+
+    def _checkpoint_group(self):
+        if len(self.param_groups) != 1:
+            raise ValueError(f"{type(self).__name__} has {len(self.param_groups)} param groups; a checkpoint "
+                             "conversion maps one group onto one JAX transformation (convert each group's "
+                             "parameters with an optimizer of that group alone)")
+        group = self.param_groups[0]
+        entry_name = self._entry_for_group(group)
+        hyper = self._hyperparams(group)
+        static = tuple(sorted(self._static_config(group).items()))
+        return group, StepSpec(entry_name, static, None), hyper
+
     def state_dict(self):
         self._refresh_state()
         return super().state_dict()
@@ -1051,7 +1045,7 @@ class JaxOptimizer(torch.optim.Optimizer):
 
 
 def _generic_defaults(entry, hyperparams):
-    sig = inspect.signature(entry.factory)
+    sig = factory_signature(entry.factory)  # the real defaults, not the StaticDefault wrappers shown to optax
     defaults = {}
     for name, par in sig.parameters.items():
         if name == "segments" or par.kind in (par.VAR_POSITIONAL, par.VAR_KEYWORD):

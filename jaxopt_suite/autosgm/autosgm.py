@@ -128,6 +128,7 @@ def _in(dtype: Any, value: Any) -> jax.Array:
     return jnp.asarray(value).astype(dtype) if not isinstance(value, (int, float)) else jnp.asarray(value, dtype)
 
 
+@C.declare_static("aoptlr", "num_lrc", "debias", "wd_level", "window", "maximize")
 def scale_by_autosgm(
     learning_rate: Any = 1e-2,
     beta_n: Any = 0.9999,
@@ -152,7 +153,11 @@ def scale_by_autosgm(
 
     Args:
       learning_rate: α0 > 0 — the constant learning rate (``aoptlr=False``) or the trust-region constant of
-        the iteration-dependent learning rate (``aoptlr=True``).
+        the iteration-dependent learning rate (``aoptlr=True``); or an optax schedule ``count -> α0``. α0 only
+        scales the step (α = α0·W(t), or the numerator estimate's α0 terms), so a time-varying α0 means what
+        a torch scheduler on the bridge's ``lr`` means. The schedule is evaluated at the number of previous
+        ``update`` calls (0 at the first; one global count, as ``optax.inject_hyperparams`` counts), while
+        ``window`` keeps each tensor's own count; a constant schedule gives the constant's results exactly.
       beta_n: pole of the long averages of the numerator estimators (and of HUBER), in [0, 1).
       beta_a: pole of the moment (denominator) estimate, in [0, 1).
       beta_i: pole of the gradient smoothing filter, in [0, 1) (0 switches smoothing off).
@@ -191,6 +196,12 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
     A float32-traced β close to 1 loses its complement (f32(0.9999) gives 1 − β = 1.00017e-4); callers
     that trace the β's in float32 (the torch bridge) also pass the complements formed in double.
     """
+    if callable(learning_rate):  # a schedule: the block is rebuilt at each update around its value
+        return C.with_schedule(
+            lambda lr: _scale_by_autosgm(lr, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps,
+                                         aoptlr=aoptlr, num_lrc=num_lrc, debias=debias, wd_level=wd_level,
+                                         window=window, maximize=maximize, complements=complements),
+            learning_rate)
     _validate(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps, aoptlr=aoptlr,
               num_lrc=num_lrc, debias=debias, wd_level=wd_level, window=window, maximize=maximize)
     complements = dict(complements or {})
@@ -354,6 +365,7 @@ def _huber(v, mean, var, beta_n, eps, one_minus_bn):
     return clipped.astype(dtype), mean, var
 
 
+@C.declare_static("aoptlr", "num_lrc", "debias", "wd_level", "window", "maximize")
 def autosgm(
     learning_rate: Any = 1e-2,
     beta_n: Any = 0.9999,

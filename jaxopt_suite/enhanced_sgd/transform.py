@@ -210,6 +210,10 @@ def _validate(
     momentum_scale_bounds, max_momentum, spike_recovery_steps, entropy_bins, bayesian_prior_std, seed,
     flags,
 ):
+    for name, value in (("learning_rate", learning_rate), ("momentum", momentum)):
+        if not callable(value) and any(callable(leaf) for leaf in jax.tree.leaves(value)):
+            raise ValueError(f"Invalid {name}: {value!r}; per-leaf values must be numbers (a learning-rate "
+                             "schedule is one callable for every leaf).")
     for leaf in jax.tree.leaves(learning_rate):
         C.check_range("learning_rate", leaf, gt=0.0)
     for leaf in jax.tree.leaves(momentum):
@@ -363,6 +367,12 @@ def bayesian_initialize(
 # --------------------------------------------------------------------------------------------------
 
 
+@C.declare_static(
+    "apply_noise", "adaptive_momentum", "gradient_centering", "centering_axis", "gradient_clipping",
+    "gradient_retention", "gradient_buffer_size", "lr_scale_bounds", "momentum_scale_bounds", "max_momentum",
+    "spike_recovery_steps", "entropy_bins", "bayesian_init", "bayesian_prior_std", "seed",
+    init_only=("q_epsilon", "q_initial_mix_prob"),
+)
 def scale_by_enhanced_sgd(
     learning_rate: Any = 0.01,
     momentum: Any = 0.9,
@@ -401,7 +411,12 @@ def scale_by_enhanced_sgd(
     keep their stored values.
 
     Args:
-      learning_rate: base learning rate ``lr > 0``; a scalar or a pytree of scalars matching the params.
+      learning_rate: base learning rate ``lr > 0``; a scalar or a pytree of scalars matching the params, or an
+        optax schedule ``count -> lr``. The controller only scales this base value (``lr_t = lr·scale·…``),
+        so a scheduled base means what a torch scheduler on the bridge's ``lr`` means. The schedule is
+        evaluated at the number of previous ``update`` calls (0 at the first, skipped non-finite steps
+        included; one global count, as ``optax.inject_hyperparams`` counts); a constant schedule gives the
+        constant's results exactly.
       momentum: base momentum ``μ ∈ [0, 1)``; a scalar or a pytree of scalars matching the params.
       smoothing_factor: ``sf ∈ (0, 1]``, weight of the new variance in ``gv``.
       noise_scale: ``σ_n ≥ 0``, standard deviation of the Gaussian gradient noise.
@@ -436,6 +451,9 @@ def scale_by_enhanced_sgd(
     Extra args: ``value`` (the loss, optional), ``grad_mask`` (per-leaf bools; False leaves get a zero
     update, keep their buffers and are left out of the statistics). Others are ignored.
     """
+    if callable(learning_rate):  # a schedule: the block is rebuilt at each update around its value
+        others = {k: v for k, v in locals().items() if k != "learning_rate"}  # the other arguments, unchanged
+        return C.with_schedule(lambda lr: scale_by_enhanced_sgd(lr, **others), learning_rate)
     flags = dict(apply_noise=apply_noise, adaptive_momentum=adaptive_momentum,
                  gradient_clipping=gradient_clipping, gradient_retention=gradient_retention,
                  bayesian_init=bayesian_init)
@@ -657,6 +675,12 @@ def scale_by_enhanced_sgd(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@C.declare_static(
+    "lookahead_k", "apply_noise", "adaptive_momentum", "gradient_centering", "centering_axis",
+    "gradient_clipping", "gradient_retention", "gradient_buffer_size", "lr_scale_bounds",
+    "momentum_scale_bounds", "max_momentum", "spike_recovery_steps", "entropy_bins", "bayesian_init",
+    "bayesian_prior_std", "seed", init_only=("q_epsilon", "q_initial_mix_prob"),
+)
 def enhanced_sgd(
     learning_rate: Any = 0.01,
     momentum: Any = 0.9,

@@ -79,14 +79,14 @@ def test_runner_detects_a_wrong_reference():
     """A reference with another learning rate must FAIL, and a correct one PASS."""
     good = ParityCase(name="sgd_good", entry="sgd", kwargs=dict(learning_rate=0.05, momentum=0.9),
                       reference=torch_optim("SGD", lr=0.05, momentum=0.9), problem="quad", dtype="float64",
-                      steps=10, atol=1e-13)
+                      steps=10)
     res = run_case(good)
     assert res.status == "PASS", res.reason
     bad = ParityCase(name="sgd_bad", entry="sgd", kwargs=dict(learning_rate=0.05, momentum=0.9),
                      reference=torch_optim("SGD", lr=0.0501, momentum=0.9), problem="quad", dtype="float64",
-                     steps=10, atol=1e-13)
+                     steps=10)
     res = run_case(bad)
-    assert res.status == "FAIL" and res.max_abs > 1e-6
+    assert res.status == "FAIL" and res.max_abs > 1e-6 and res.atol < 1e-12
 
 
 def test_runner_flags_an_insensitive_wrong_variant():
@@ -94,7 +94,7 @@ def test_runner_flags_an_insensitive_wrong_variant():
 
     case = ParityCase(name="sgd_insensitive", entry="sgd", kwargs=dict(learning_rate=0.05, momentum=0.9),
                       reference=torch_optim("SGD", lr=0.05, momentum=0.9), problem="quad", dtype="float64",
-                      steps=5, atol=1e-13,
+                      steps=5,
                       wrong=optax_tx("optax.sgd", lambda: optax.sgd(0.05, 0.9)))  # not wrong at all
     res = run_case(case)
     assert res.status == "FAIL" and res.sensitivity_ok is False
@@ -102,6 +102,38 @@ def test_runner_flags_an_insensitive_wrong_variant():
 
 def test_missing_entry_is_skipped_with_reason():
     case = ParityCase(name="nope", entry="no_such_optimizer", kwargs={}, reference=torch_optim("SGD", lr=0.1),
-                      problem="quad", dtype="float32", atol=1.0)
+                      problem="quad", dtype="float32")
     res = run_case(case)
     assert res.status == "SKIP" and "no_such_optimizer" in res.reason
+
+
+def test_rounding_model_scales_with_the_dtype_and_catches_a_few_hundred_ulps():
+    """The error model's δ is a response to one rounding per element and step: float32's is about
+    ε32/ε64 = 2^29 times float64's on a linear problem (SGD on ``quad``), and a reference whose learning
+    rate is off by 1e-12 relative (≈ 4500 ε64 per step) fails the float64 bar."""
+    kw = dict(learning_rate=0.05, momentum=0.9)
+    deltas = {}
+    for dtype in ("float64", "float32"):
+        case = ParityCase(name=f"sgd_model_{dtype}", entry="sgd", kwargs=kw, reference=torch_optim("SGD", lr=0.05, momentum=0.9),
+                          problem="quad", dtype=dtype, steps=30)
+        res = run_case(case)
+        assert res.status == "PASS", res.reason
+        deltas[dtype] = res.rounding_abs
+        assert res.atol == case.ulps * res.rounding_abs
+    ratio = deltas["float32"] / deltas["float64"]
+    assert 2 ** 29 / 8 < ratio < 2 ** 29 * 8, ratio
+    off = ParityCase(name="sgd_off", entry="sgd", kwargs=kw, reference=torch_optim("SGD", lr=0.05 * (1 + 1e-12), momentum=0.9),
+                     problem="quad", dtype="float64", steps=30)
+    res = run_case(off)
+    assert res.status == "FAIL" and "exceeds" in res.reason, (res.max_abs, res.atol)
+
+
+def test_a_declared_tolerance_needs_its_reason():
+    with pytest.raises(ValueError, match="tolerance_reason"):
+        ParityCase(name="declared", entry="sgd", kwargs={}, reference=torch_optim("SGD", lr=0.1),
+                   problem="quad", dtype="float64", atol=1e-6)
+    case = ParityCase(name="declared", entry="sgd", kwargs=dict(learning_rate=0.05, momentum=0.9),
+                      reference=torch_optim("SGD", lr=0.05, momentum=0.9),
+                      problem="quad", dtype="float64", steps=3, atol=1e-6, tolerance_reason="a test of declared bars")
+    res = run_case(case)
+    assert res.status == "PASS" and res.atol == 1e-6 and res.rounding_abs is None, res.reason
