@@ -54,7 +54,7 @@ def write_markdown(path: str, results, argv, seconds: float, counts: dict) -> No
         if r.reason:
             status += f" ({_md(r.reason)})"
         lines.append(f"| `{c.name}` | {_md(c.reference.name)} | {c.problem} | {c.dtype} | {_fmt(r.max_abs)} | "
-                     f"{_fmt(r.max_rel)} | {_md(c.tolerance_str())} | {status} |")
+                     f"{_fmt(r.max_rel)} | {_md(r.tolerance_str())} | {status} |")
     if skipped:
         lines.append("")
         for reason, names in skipped.items():

@@ -65,7 +65,7 @@ def main(outdir: str) -> None:
 
     header = (f"Measured while this site was built ({time.strftime('%Y-%m-%d %H:%M %Z')}, "
               f"{time.perf_counter() - start:.0f} s in all); {machine_line()}.\n\n"
-              "![Measured ratios](benchmarks.png)\n\n")
+              "![Measured ratios](generated/benchmarks.png)\n\n")
     with open(os.path.join(outdir, "benchmarks.md"), "w", encoding="utf-8") as f:
         f.write(header + "\n".join(sections))
 
