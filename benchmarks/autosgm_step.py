@@ -42,7 +42,8 @@ def make_step(tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict[str, float]:
+    """Print the medians and ratios; return each variant's median step time divided by Adam's."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
@@ -83,6 +84,7 @@ def main(argv=None) -> None:
         print(f"  {name:34s} {1e3 * med:9.3f} ms   {med / medians['adam']:5.2f}x adam")
     ratio = medians["autosgm(num_lrc=2, window, wd)"] / medians["adam"]
     print(f"ratio heaviest autosgm / adam: {ratio:.2f}x (goal <= 1.5x)")
+    return {name: med / medians["adam"] for name, med in medians.items()}
 
 
 if __name__ == "__main__":

@@ -216,10 +216,16 @@ def adam(
     (:func:`apply_decoupled_weight_decay`, placed after the learning-rate block).
 
     Args:
-      learning_rate: η ≥ 0 or a schedule.  b1, b2: β ∈ [0, 1).  eps: ε ≥ 0 (outside the root).
-      weight_decay: λ ≥ 0.  amsgrad: use ``max`` of the raw second moments.
-      decoupled_weight_decay: AdamW-style decay (see :func:`adamw`).  maximize: ascend.
-      weight_decay_mask: bool pytree or callable selecting decayed leaves.  segments: bridge flat layout.
+      learning_rate: η ≥ 0 or a schedule.
+      b1: β₁ ∈ [0, 1), decay of the first moment.
+      b2: β₂ ∈ [0, 1), decay of the second moment.
+      eps: ε ≥ 0 (outside the root).
+      weight_decay: λ ≥ 0.
+      amsgrad: use ``max`` of the raw second moments.
+      decoupled_weight_decay: AdamW-style decay (see :func:`adamw`).
+      maximize: ascend.
+      weight_decay_mask: bool pytree or callable selecting decayed leaves.
+      segments: bridge flat layout.
 
     Extra args: ``grad_mask``. Others are ignored.
 

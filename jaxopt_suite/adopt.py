@@ -68,7 +68,8 @@ def scale_by_adopt(
     into torch's decoupled decay ``−lr·λ·θ``).
 
     Args:
-      b1, b2: β ∈ [0, 1) of the first and second moments.
+      b1: β₁ ∈ [0, 1) of the first moment.
+      b2: β₂ ∈ [0, 1) of the second moment.
       eps: floor of ``√v`` (≥ 0).
       weight_decay: λ of the decoupled decay; only used when ``decouple`` (the coupled form is a separate
         :func:`optax.add_decayed_weights` block before this one).
@@ -155,7 +156,8 @@ def adopt(
 
     Args:
       learning_rate: η ≥ 0 or a schedule.
-      b1, b2: β ∈ [0, 1) (torch's ``betas``; defaults 0.9, 0.9999).
+      b1: β₁ ∈ [0, 1) (torch's ``betas[0]``; default 0.9).
+      b2: β₂ ∈ [0, 1) (torch's ``betas[1]``; default 0.9999).
       eps: ε ≥ 0, the floor of ``√v``.
       weight_decay: λ ≥ 0; coupled L2 unless ``decouple``.
       decouple: decoupled decay ``θ ← θ − ηλθ`` (never on a parameter's first call).

@@ -427,7 +427,8 @@ def to_torch(opt_state, params, optimizer, *, mapping=None, hyperparams=None,
       optimizer: the torch optimizer to resume (a ``torch_bridge`` optimizer, or
         ``torch.optim.{SGD, Adam, AdamW, ASGD}``) on the torch model's parameters. Its param groups (and so
         its hyperparameters) go into the returned state dict; the optimizer itself is left as it was.
-      mapping, torch_names: as in :func:`to_optax`.
+      mapping: as in :func:`to_optax`.
+      torch_names: as in :func:`to_optax`.
       hyperparams: suite/optax-named hyperparameters the state was produced with; each must equal the
         target optimizer's, else ``ValueError`` naming it.
     """

@@ -80,13 +80,15 @@ def lowpass(
       state: filter state (zeros before the first step), shaped like ``x``.
       x: the input ``x_t``.
       count: the step ``t ≥ 1`` of this tensor (int; 0-d, or per segment in the flat layout).
-      beta: pole β ∈ [0, 1).  gamma: zero γ (γ < β, 0 = pure pole).  eta: input gain (0 → 1 − β).
+      beta: pole β ∈ [0, 1).
+      gamma: zero γ (γ < β, 0 = pure pole).
+      eta: input gain (0 → 1 − β).
       debias: multiply the output by ((1 − β)/η′)/(1 − β^t) (computed in float64 with x64, else float32,
         then cast to the input dtype).
       segments: flat layout (per-segment counters are broadcast to elements).
-      one_minus_beta, one_minus_gamma: 1 − β and 1 − γ when known more precisely than β and γ (a traced
-        float32 β = 0.9999 carries 1 − β only to 1.7e-4 relative; the torch bridge passes the complements
-        formed in double on the host).
+      one_minus_beta: 1 − β when known more precisely than β (a traced float32 β = 0.9999 carries 1 − β
+        only to 1.7e-4 relative; the torch bridge passes the complements formed in double on the host).
+      one_minus_gamma: 1 − γ, likewise.
     """
     dtype = x.dtype
     t = C.per_element(count, segments)

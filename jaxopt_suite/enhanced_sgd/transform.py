@@ -423,10 +423,13 @@ def scale_by_enhanced_sgd(
       entropy_weight: ``w_H ≥ 0``, weight of the instability penalty in the controller's reward.
       loss_correction_factor: ``lcf ∈ (0, 1]``, learning-rate factor at a loss spike.
       retention_weight: ``w ∈ [0, 1]``, weight of the retained gradient in the blend.
-      q_learning_rate, q_discount: α and γ of the Q-update (in [0, 1]).
-      q_epsilon, q_epsilon_decay, q_epsilon_min: initial exploration rate, its per-valued-step decay
-        (in (0, 1]) and floor. ``q_epsilon`` and ``q_initial_mix_prob`` are read by ``init`` only.
-      q_initial_mix_prob: initial (and maximum) probability of multiplicative exploratory actions.
+      q_learning_rate: α of the Q-update (in [0, 1]).
+      q_discount: γ of the Q-update (in [0, 1]).
+      q_epsilon: initial exploration rate (read by ``init`` only).
+      q_epsilon_decay: per-valued-step decay of the exploration rate (in (0, 1]).
+      q_epsilon_min: floor of the exploration rate.
+      q_initial_mix_prob: initial (and maximum) probability of multiplicative exploratory actions (read by
+        ``init`` only).
       apply_noise: add ``σ_n·ξ`` to the processed gradient.
       adaptive_momentum: let the controller scale the momentum.
       gradient_centering: ``False``; ``True`` (Gradient Centralization: leaves with ndim ≥ 2 lose their mean
@@ -436,7 +439,8 @@ def scale_by_enhanced_sgd(
       gradient_clipping: clip elements to ``±c`` once ``gv > 0``.
       gradient_retention: keep the retained average ``R`` and blend it in.
       gradient_buffer_size: ``≥ 1``; ``R`` averages about this many retained gradients (ρ = 1 − 1/size).
-      lr_scale_bounds, momentum_scale_bounds: ``(lo, hi)``, ``0 < lo ≤ 1 ≤ hi``.
+      lr_scale_bounds: ``(lo, hi)`` of the learning-rate scale, ``0 < lo ≤ 1 ≤ hi``.
+      momentum_scale_bounds: ``(lo, hi)`` of the momentum scale, ``0 < lo ≤ 1 ≤ hi``.
       max_momentum: cap of the effective momentum, in (0, 1).
       spike_recovery_steps: valued steps over which a spike's cut fades linearly (≥ 1).
       entropy_bins: histogram bins (≥ 2).
@@ -716,11 +720,12 @@ def enhanced_sgd(
         \text{fast: } \theta \leftarrow \theta - \mathrm{lr}_t\, b_t \text{ (see } scale\_by\_enhanced\_sgd),\qquad
         \text{every } k \text{ steps: } \phi \leftarrow \phi + \alpha(\theta - \phi),\; \theta \leftarrow \phi
 
+    The arguments ``learning_rate`` … ``q_initial_mix_prob`` and the keyword-only options ``apply_noise`` …
+    ``seed`` are those of :func:`scale_by_enhanced_sgd`; the two below are this function's own.
+
     Args:
-      learning_rate … q_initial_mix_prob: as :func:`scale_by_enhanced_sgd`.
       lookahead_alpha: slow step size ``α ∈ (0, 1]`` (weight of the fast weights at a sync).
       lookahead_k: sync period ``k ≥ 0``; 0 disables lookahead (the result is the inner transformation).
-      apply_noise … seed: the keyword-only options of :func:`scale_by_enhanced_sgd`.
 
     Extra args: ``value`` (the loss; enables the controller and spike handling), ``grad_mask``; forwarded to
     the inner transformation by lookahead.
