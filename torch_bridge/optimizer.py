@@ -319,10 +319,12 @@ def validate_loaded_state(opt, state, param_groups) -> None:
     flag_defaults = dict(getattr(opt, "group_flag_defaults", {}) or {})
     groups = []
     for gi, (new, cur) in enumerate(zip(param_groups, opt.param_groups)):
-        missing = sorted(k for k in cur if k not in new and k not in _GROUP_KEYS_NOT_OPTIONS
-                         and k not in flag_defaults)
+        absent = sorted(k for k in cur if k not in new and k not in _GROUP_KEYS_NOT_OPTIONS)
+        extra = sorted(k for k in new if k not in cur and k not in _GROUP_KEYS_NOT_OPTIONS)
+        # options with a default are filled in (older checkpoints, torch.optim.ASGD's into the bridge's ASGD,
+        # which adds 'momentum'); options absent *and* foreign ones mean another optimizer's groups
+        missing = absent if extra else [k for k in absent if k not in flag_defaults]
         if missing:
-            extra = sorted(k for k in new if k not in cur and k not in _GROUP_KEYS_NOT_OPTIONS)
             also = f", and has {extra}, which they have not" if extra else ""
             raise ValueError(f"{where}: param group {gi} of the state dict has no {missing}, which {cls}'s "
                              f"param groups have{also}: the state dict was saved by another optimizer")
