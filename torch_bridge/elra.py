@@ -613,8 +613,11 @@ class ELRA(JaxOptimizer):
     def _load_spec(self, groups) -> LoadSpec:
         """Per trainable parameter the vector fields of this configuration; ``state['elra']`` the scalars."""
         trainable = [p for g in groups for p in g["params"] if p.requires_grad]
+        if not trainable:
+            return LoadSpec([[None] * len(g["params"]) for g in groups], frozenset(_PER_PARAM_KEYS),
+                            group_slots=[{} for _ in groups])
         fresh = jax.eval_shape(functools.partial(_bridge_init, cfg=self._cfg), jax_shapes(trainable))
-        keys = [k for k, f in _PER_PARAM_KEYS.items() if trainable and getattr(fresh, f) is not None]
+        keys = [k for k, f in _PER_PARAM_KEYS.items() if getattr(fresh, f) is not None]
         per_param = [[{k: StateSlot(tuple(p.shape), p.dtype, True) for k in keys} if p.requires_grad else None
                       for p in g["params"]] for g in groups]
         scalars = {name: StateSlot((), getattr(fresh, name).dtype) for name in _FLOAT_FIELDS + _INT_FIELDS + _BOOL_FIELDS}

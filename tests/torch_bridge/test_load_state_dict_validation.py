@@ -284,3 +284,61 @@ def test_never_stepped_parameters_need_no_state():
     del sd["state"][1]  # torch's format for a parameter that has not been stepped
     sd["state"][1] = {}
     _resume("Adam", sd, model_sd)
+
+
+def test_lookahead_around_a_stepped_optimizer_saves_complete_state():
+    """A Lookahead state_dict taken before its first step (the inner optimizer stepped) loads and resumes."""
+    def fresh(seed=0):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        return model, tb.Adam(model.parameters(), lr=1e-2)
+
+    def run(model, opt, steps):
+        train("Lookahead-Adam", model, opt, steps)
+
+    m_ref, inner = fresh()
+    run(m_ref, inner, 2)
+    o_ref = tb.Lookahead(inner, k=2)
+    m, inner2 = fresh()
+    run(m, inner2, 2)
+    o = tb.Lookahead(inner2, k=2)
+    sd = o.state_dict()
+    assert {"slow_param", "exp_avg", "exp_avg_sq", "step"} == set(sd["state"][0])
+    m2, inner3 = fresh(seed=1)
+    o2 = tb.Lookahead(inner3, k=2)
+    m2.load_state_dict(m.state_dict())
+    o2.load_state_dict(sd)
+    run(m_ref, o_ref, 3)
+    run(m2, o2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m2.parameters()))
+
+
+def test_elra_add_param_group_after_steps_saves_complete_state():
+    """ELRA's entries for a group added after some steps are complete, so that state_dict loads and resumes."""
+    def fresh(seed=0):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+        return model, tb.ELRA(model[0].parameters(), lr=1e-3, classes=10)
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = model(X).pow(2).sum() + 1.0
+            loss.backward()
+            opt.step(value=loss)
+
+    m_ref, o_ref = fresh()
+    run(m_ref, o_ref, 2)
+    o_ref.add_param_group({"params": list(m_ref[1].parameters())})
+    m, o = fresh()
+    run(m, o, 2)
+    o.add_param_group({"params": list(m[1].parameters())})
+    sd = o.state_dict()
+    assert set(sd["state"][2]) == {"x_lastgood", "g_old", "coll_grad"}
+    m2, o2 = fresh(seed=1)
+    o2.add_param_group({"params": list(m2[1].parameters())})
+    m2.load_state_dict(m.state_dict())
+    o2.load_state_dict(sd)
+    run(m_ref, o_ref, 2)
+    run(m2, o2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m2.parameters()))
