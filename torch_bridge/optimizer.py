@@ -34,6 +34,16 @@ lazily after each step, and after ``load_state_dict``, unpickling or ``copy.deep
 state is authoritative and the JAX state is rebuilt from it. Write to the state through
 ``load_state_dict``: writes into ``self.state[p]`` are not propagated.
 
+``load_state_dict`` checks the loaded state before anything is replaced (:func:`validate_loaded_state`, one
+check for every class: each class only describes what it keeps, :meth:`JaxOptimizer._load_spec`; the generic
+description is the JAX ``init`` of the loaded groups traced with ``jax.eval_shape``). A ``ValueError`` names
+the param group, the parameter (position in the group and shape) and the key for another optimizer's state
+dict (its groups lack options this class needs), a missing or unknown per-parameter key, a wrong shape, a
+value of the wrong kind or dtype (floating state is cast to the parameter's dtype first, as torch casts it).
+torch's own errors for param-group count and size mismatches are kept. Where torch.optim accepts silently
+(SGD's ``momentum_buffer`` missing or None: "not started"; a key of the class this configuration does not
+use; a state entry of no parameter) the bridge does the same with a ``UserWarning``.
+
 Writing a subclass (one torch-style class per registry entry)
 -------------------------------------------------------------
 A subclass maps torch-style arguments to a registry entry::
