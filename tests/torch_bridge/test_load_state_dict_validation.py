@@ -344,3 +344,25 @@ def test_elra_add_param_group_after_steps_saves_complete_state():
     run(m_ref, o_ref, 2)
     run(m2, o2, 2)
     assert all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m2.parameters()))
+
+
+def test_group_level_jax_state_is_checked():
+    """Global JAX leaves that no torch key names travel in the group's 'jax_state' (generic JaxOptimizer)."""
+    def fresh(seed=0):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        return model, tb.JaxOptimizer(model.parameters(), "lookahead_sgd")
+
+    model, opt = fresh()
+    train("JaxOptimizer", model, opt, 2)
+    sd = opt.state_dict()
+    assert set(sd["param_groups"][0]["jax_state"]) == {"LookaheadState.count"}
+    fresh(1)[1].load_state_dict(copy.deepcopy(sd))
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["jax_state"]["LookaheadState.count"] = torch.zeros(5, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"param group 0: 'jax_state' key 'LookaheadState.count' has shape \(5,\)"):
+        fresh(1)[1].load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["jax_state"]["NotAState.field"] = torch.zeros(())
+    with pytest.raises(ValueError, match="unknown 'jax_state' key 'NotAState.field'"):
+        fresh(1)[1].load_state_dict(bad)
