@@ -50,7 +50,8 @@ from jaxopt_suite.elra import (
 )
 
 from . import dlpack
-from .optimizer import JaxOptimizer, _FlatBuffer, _flat_candidate, _exclude_overlaps, _NeedsRebuild
+from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _FlatBuffer, _flat_candidate, _exclude_overlaps,
+                        _NeedsRebuild, jax_shapes)
 
 __all__ = ["ELRA", "ElraOptimizer", "ElraGradScaler"]
 
@@ -271,8 +272,13 @@ class ELRA(JaxOptimizer):
             return
         if self._jstate is not None:
             self._sync_state_to_torch()
+            # a complete entry, as the next import builds it (x_lastgood = the current values, the other
+            # vectors zero), so that a state_dict taken before the next step loads as it is
+            fields = [k for k, f in _PER_PARAM_KEYS.items() if getattr(self._jstate, f) is not None]
             for p in new:
-                dict.__setitem__(self.state, p, {"x_lastgood": p.detach().clone()})
+                dict.__setitem__(self.state, p, {k: p.detach().clone() if k == "x_lastgood" else
+                                                 torch.zeros_like(p, memory_format=torch.contiguous_format)
+                                                 for k in fields})
             self._jstate = None
             self._needs_import = True
         self._order.extend(new)
@@ -604,8 +610,24 @@ class ELRA(JaxOptimizer):
         self._sync_state_to_torch()
         return torch.optim.Optimizer.state_dict(self)
 
+    def _load_spec(self, groups) -> LoadSpec:
+        """Per trainable parameter the vector fields of this configuration; ``state['elra']`` the scalars."""
+        trainable = [p for g in groups for p in g["params"] if p.requires_grad]
+        if not trainable:
+            return LoadSpec([[None] * len(g["params"]) for g in groups], frozenset(_PER_PARAM_KEYS),
+                            group_slots=[{} for _ in groups])
+        fresh = jax.eval_shape(functools.partial(_bridge_init, cfg=self._cfg), jax_shapes(trainable))
+        keys = [k for k, f in _PER_PARAM_KEYS.items() if getattr(fresh, f) is not None]
+        per_param = [[{k: StateSlot(tuple(p.shape), p.dtype, True) for k in keys} if p.requires_grad else None
+                      for p in g["params"]] for g in groups]
+        scalars = {name: StateSlot((), getattr(fresh, name).dtype) for name in _FLOAT_FIELDS + _INT_FIELDS + _BOOL_FIELDS}
+        scalars["xaver_list"] = StateSlot(tuple(fresh.xaver_list.shape), np.float32)
+        scalars["calls"] = StateSlot((), np.int64)
+        return LoadSpec(per_param, frozenset(_PER_PARAM_KEYS), globals_={"elra": scalars}, globals_required=True,
+                        group_slots=[{} for _ in groups])
+
     def load_state_dict(self, state_dict) -> None:
-        torch.optim.Optimizer.load_state_dict(self, state_dict)
+        JaxOptimizer.load_state_dict(self, state_dict)  # validates (see _load_spec), then torch's load
         for p_state in dict.values(self.state):
             for key, value in list(p_state.items()):
                 if torch.is_tensor(value):
@@ -615,6 +637,7 @@ class ELRA(JaxOptimizer):
 
     def __setstate__(self, state) -> None:
         # torch's load_state_dict ends here; the generic bridge's per-group bookkeeping does not apply
+        self._validate_if_loading(state)
         torch.optim.Optimizer.__setstate__(self, state)
 
     def __getstate__(self):

@@ -36,7 +36,7 @@ from jaxopt_suite.enhanced_sgd import transform as T
 from jaxopt_suite.lookahead import LookaheadState
 
 from . import dlpack
-from .optimizer import JaxOptimizer, _LazyState
+from .optimizer import JaxOptimizer, LoadSpec, StateSlot, _LazyState, jax_shapes
 
 __all__ = ["EnhancedSGD"]
 
@@ -349,8 +349,30 @@ class EnhancedSGD(JaxOptimizer):
         self._refresh_state()
         return torch.optim.Optimizer.state_dict(self)
 
+    def _load_spec(self, groups) -> LoadSpec:
+        """Per parameter ``momentum_buffer`` (+ ``retained``, ``slow`` when configured); ``state['controller']``
+        every other field of the state (shapes and dtypes of a traced ``init``)."""
+        params = [p for g in groups for p in g["params"]]
+        lrs, moms, scalars = self._traced()
+        template = jax.eval_shape(functools.partial(_init, static=self._static()), jax_shapes(params), lrs, moms,
+                                  scalars)
+        inner = T.find_enhanced_state(template)
+        keys = ["momentum_buffer"] + (["retained"] if inner.retained is not None else [])
+        controller = {}
+        if isinstance(template, LookaheadState):
+            keys.append("slow")
+            controller["lookahead_count"] = StateSlot(tuple(template.count.shape), template.count.dtype)
+        for name in inner._fields:
+            leaf = getattr(inner, name)
+            if name not in _PER_PARAM_FIELDS and leaf is not None:
+                controller[name] = StateSlot(tuple(leaf.shape), leaf.dtype)
+        per_param = [[{k: StateSlot(tuple(p.shape), p.dtype, True) for k in keys} for p in g["params"]]
+                     for g in groups]
+        return LoadSpec(per_param, frozenset(("momentum_buffer", "retained", "slow")),
+                        globals_={"controller": controller}, globals_required=True, group_slots=[{} for _ in groups])
+
     def load_state_dict(self, state_dict) -> None:
-        torch.optim.Optimizer.load_state_dict(self, state_dict)
+        JaxOptimizer.load_state_dict(self, state_dict)  # validates (see _load_spec), then torch's load
         controller = dict.get(self.state, "controller")
         if controller:
             dict.__setitem__(self.state, "controller", {k: torch.as_tensor(v).clone() for k, v in controller.items()})
@@ -362,6 +384,7 @@ class EnhancedSGD(JaxOptimizer):
         return torch.optim.Optimizer.__getstate__(self)
 
     def __setstate__(self, state) -> None:
+        self._validate_if_loading(state)
         torch.optim.Optimizer.__setstate__(self, state)
         raw = self.state
         self.state = _LazyState(self, dict.items(raw) if isinstance(raw, dict) else raw)

@@ -93,6 +93,10 @@ class Lookahead(JaxOptimizer):
         super().__init__(list(inner.param_groups), inner._entry_name, defaults=defaults, flat=inner.flat,
                          write_back=getattr(inner, "write_back", "copy"))
         for p, st in inherited.items():
+            if st and "slow_param" not in st:
+                # the slow weights start at the current params (what the first step's init would give), so
+                # that a state_dict taken before that step is complete
+                st = {**st, "slow_param": p.detach().clone()}
             dict.__setitem__(self.state, p, st)
         self._runtime_valid = False  # re-adopt with the inherited state at the first step
 

@@ -34,6 +34,16 @@ lazily after each step, and after ``load_state_dict``, unpickling or ``copy.deep
 state is authoritative and the JAX state is rebuilt from it. Write to the state through
 ``load_state_dict``: writes into ``self.state[p]`` are not propagated.
 
+``load_state_dict`` checks the loaded state before anything is replaced (:func:`validate_loaded_state`, one
+check for every class: each class only describes what it keeps, :meth:`JaxOptimizer._load_spec`; the generic
+description is the JAX ``init`` of the loaded groups traced with ``jax.eval_shape``). A ``ValueError`` names
+the param group, the parameter (position in the group and shape) and the key for another optimizer's state
+dict (its groups lack options this class needs), a missing or unknown per-parameter key, a wrong shape, a
+value of the wrong kind or dtype (floating state is cast to the parameter's dtype first, as torch casts it).
+torch's own errors for param-group count and size mismatches are kept. Where torch.optim accepts silently
+(SGD's ``momentum_buffer`` missing or None: "not started"; a key of the class this configuration does not
+use; a state entry of no parameter) the bridge does the same with a ``UserWarning``.
+
 Writing a subclass (one torch-style class per registry entry)
 -------------------------------------------------------------
 A subclass maps torch-style arguments to a registry entry::
@@ -94,7 +104,8 @@ from jaxopt_suite._common import FlatLayout, factory_signature
 
 from . import dlpack
 
-__all__ = ["JaxOptimizer", "StepSpec", "compiled_step_cache_size", "entry_info"]
+__all__ = ["JaxOptimizer", "LoadSpec", "StateSlot", "StepSpec", "compiled_step_cache_size", "entry_info",
+           "validate_loaded_state"]
 
 SIMPLE_PATH_WARN_LEAVES = 400
 
@@ -176,6 +187,252 @@ def _path_name(path: tuple[str, ...]) -> str:
 
 def _torch_dtype_of(array) -> torch.dtype:
     return dlpack.to_torch(jnp.zeros((), array.dtype)).dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# load_state_dict validation: what a loaded state dict must hold, checked before anything is replaced
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSlot:
+    """One state value ``load_state_dict`` expects: a tensor shaped like its parameter (``element``) or a
+    scalar / small array of the JAX state (``shape`` and ``dtype`` of the JAX leaf)."""
+
+    shape: tuple
+    dtype: Any
+    element: bool = False
+
+
+@dataclasses.dataclass
+class LoadSpec:
+    """What the optimizer keeps for a configuration (see :meth:`JaxOptimizer._load_spec`).
+
+    ``per_param[g][j]``: ``{key: StateSlot}`` of parameter ``j`` of group ``g`` (``None``: keeps no state).
+    ``vocabulary``: keys the class keeps under some configuration (kept and ignored when this one does not use
+    them, as torch.optim does). ``optional``: keys whose absence torch.optim reads as "not started yet" (value:
+    what happens then). ``globals_``: non-parameter entries of ``state`` (``{name: {key: StateSlot}}``), which
+    must be there when some parameter has state if ``globals_required``. ``group_slots[g]``: group-level JAX
+    state (``{group key: StateSlot}``; ``("jax_state", name)`` for the unmapped leaves under ``"jax_state"``).
+    """
+
+    per_param: list
+    vocabulary: frozenset = frozenset()
+    optional: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    globals_: Mapping[Hashable, Mapping[str, StateSlot]] = dataclasses.field(default_factory=dict)
+    globals_required: bool = False
+    group_slots: list = dataclasses.field(default_factory=list)
+
+
+_GROUP_KEYS_NOT_OPTIONS = ("params", "param_names")
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_dtype_for(dtype: torch.dtype):
+    return dlpack.to_jax(torch.zeros((), dtype=dtype)).dtype
+
+
+def jax_shapes(params) -> list:
+    """``jax.ShapeDtypeStruct`` per torch parameter (for ``jax.eval_shape`` of an ``init``)."""
+    return [jax.ShapeDtypeStruct(tuple(p.shape), _jax_dtype_for(p.dtype)) for p in params]
+
+
+def _host_template(tree):
+    """``tree`` of ShapeDtypeStructs as zero-stride NumPy arrays (no memory), so that the state walk works."""
+    return jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), tuple(s.shape)), tree)
+
+
+def _warn_user(message: str) -> None:
+    """A ``UserWarning`` attributed to the first caller outside torch_bridge and torch (the user's load)."""
+    import os
+    import sys
+
+    skip = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _kind(dtype) -> str:
+    """'b', 'i', 'u', 'f' or 'c' for a torch or NumPy/JAX dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype == torch.bool:
+            return "b"
+        if dtype.is_complex:
+            return "c"
+        if dtype.is_floating_point:
+            return "f"
+        return "u" if dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64) else "i"
+    if jnp.issubdtype(dtype, jnp.bool_):
+        return "b"
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return "c"
+    if jnp.issubdtype(dtype, jnp.floating):
+        return "f"
+    return "u" if jnp.issubdtype(dtype, jnp.unsignedinteger) else "i"
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _slot_problem(value, slot: StateSlot) -> Optional[str]:
+    """Why ``value`` cannot be loaded into ``slot`` (None if it can), phrased after the key."""
+    if slot.element:
+        if not torch.is_tensor(value):
+            return f"is a {type(value).__name__}, expected a tensor of shape {slot.shape}"
+        if tuple(value.shape) != tuple(slot.shape):
+            return f"has shape {tuple(value.shape)}, expected {tuple(slot.shape)} (the parameter's shape)"
+        if _kind(value.dtype) not in ("f", _kind(slot.dtype)):
+            return f"has dtype {_dtype_name(value.dtype)}, expected {_dtype_name(slot.dtype)}"
+        return None
+    if torch.is_tensor(value):
+        shape, kind, dtype = tuple(value.shape), _kind(value.dtype), value.dtype
+    elif isinstance(value, (bool, int, float, np.number, np.bool_)):
+        arr = np.asarray(value)
+        shape, kind, dtype = (), arr.dtype.kind, arr.dtype
+    else:
+        return f"is a {type(value).__name__}, expected a number or a tensor of shape {tuple(slot.shape)}"
+    want = _kind(slot.dtype)
+    wanted = f"expected {_dtype_name(slot.dtype)}"
+    if shape != tuple(slot.shape):
+        return f"has shape {shape}, expected {tuple(slot.shape)}"
+    ok = {"f": ("f", "i", "u"), "i": ("i", "u", "f"), "u": ("u", "i"), "b": ("b", "i", "u"), "c": ("c", "f", "i", "u")}
+    if kind not in ok[want]:
+        return f"has dtype {_dtype_name(dtype)}, {wanted}"
+    if want in ("i", "u", "b") and kind != want:
+        host = value.detach().cpu().double().numpy() if torch.is_tensor(value) else np.asarray(value, np.float64)
+        if not np.all(np.isfinite(host)) or not np.all(host == np.round(host)):
+            return f"holds non-integral values (dtype {_dtype_name(dtype)}), {wanted}"
+        if want == "b" and not np.all((host == 0) | (host == 1)):
+            return f"holds values other than 0 and 1, {wanted}"
+        if want == "u" and np.any(host < 0):
+            return f"holds negative values, {wanted}"
+    return None
+
+
+def validate_loaded_state(opt, state, param_groups) -> None:
+    """Check a state dict that ``opt.load_state_dict`` is loading, before the optimizer's state is replaced.
+
+    ``state`` / ``param_groups`` are what torch's ``load_state_dict`` hands to ``__setstate__``: the state
+    keyed by the optimizer's own parameters (floating tensors already cast to their parameter's dtype, as
+    torch casts them), the saved groups with the current ``params``. Raises ``ValueError`` naming the group,
+    the parameter (position in its group and shape) and the key for: a group without an option the class
+    needs (another optimizer's state dict), a missing or unknown per-parameter key, a wrong shape, a value
+    of the wrong kind or dtype. Emits ``UserWarning`` where torch.optim accepts silently (a key torch reads
+    as "not started yet" missing; a key of the class that this configuration does not use; a state entry
+    that belongs to no parameter). May normalise ``state`` in place (drops such "not started" keys).
+    """
+    cls = type(opt).__name__
+    where = f"{cls}.load_state_dict"
+    flag_defaults = dict(getattr(opt, "group_flag_defaults", {}) or {})
+    groups = []
+    for gi, (new, cur) in enumerate(zip(param_groups, opt.param_groups)):
+        absent = sorted(k for k in cur if k not in new and k not in _GROUP_KEYS_NOT_OPTIONS)
+        extra = sorted(k for k in new if k not in cur and k not in _GROUP_KEYS_NOT_OPTIONS)
+        # options with a default are filled in (older checkpoints, torch.optim.ASGD's into the bridge's ASGD,
+        # which adds 'momentum'); options absent *and* foreign ones mean another optimizer's groups
+        missing = absent if extra else [k for k in absent if k not in flag_defaults]
+        if missing:
+            also = f", and has {extra}, which they have not" if extra else ""
+            raise ValueError(f"{where}: param group {gi} of the state dict has no {missing}, which {cls}'s "
+                             f"param groups have{also}: the state dict was saved by another optimizer")
+        g = dict(new)
+        for k, v in flag_defaults.items():
+            g.setdefault(k, v)
+        groups.append(g)
+    spec = opt._load_spec(groups)
+
+    owned = {}
+    any_state = False
+    for gi, g in enumerate(groups):
+        for j, p in enumerate(g["params"]):
+            owned[id(p)] = (gi, j)
+            slots = spec.per_param[gi][j]
+            st = state.get(p)
+            label = f"parameter {j} of param group {gi} (shape {tuple(p.shape)})"
+            if st is None:
+                continue
+            if not isinstance(st, Mapping):
+                raise ValueError(f"{where}: the state of {label} is a {type(st).__name__}, expected a dict")
+            if slots is None:
+                if st:
+                    _warn_user(f"{where}: {label} has state {sorted(map(str, st))}, but {cls} keeps none for "
+                               "it (it is not trained); kept and unused, as torch.optim does")
+                continue
+            absent = [k for k in slots if k not in st or st[k] is None]
+            optional = [k for k in absent if k in spec.optional]
+            for k in optional:
+                _warn_user(f"{where}: {label} has no state {k!r}; {spec.optional[k]}")
+                if k in st:
+                    del st[k]
+            if not st:
+                continue  # never stepped (torch's format: no entry, or an empty one): starts fresh
+            any_state = True
+            required = [k for k in absent if k not in spec.optional]
+            if required:
+                raise ValueError(f"{where}: {label}: state {required[0]!r} is missing (the state has "
+                                 f"{sorted(map(str, st))}; {cls} with this configuration keeps {sorted(slots)})")
+            for key in st:
+                if key in slots:
+                    problem = _slot_problem(st[key], slots[key])
+                    if problem:
+                        raise ValueError(f"{where}: {label}: state {key!r} {problem}")
+                elif key in spec.vocabulary:
+                    _warn_user(f"{where}: {label}: state {key!r} is not used by {cls} with this configuration "
+                               f"(it keeps {sorted(slots)}); kept and ignored, as torch.optim does")
+                else:
+                    raise ValueError(f"{where}: {label}: unknown state {key!r}, which {cls} does not keep (with "
+                                     f"this configuration it keeps {sorted(slots)}): the state dict was saved "
+                                     "by another optimizer or altered")
+    for name in list(state):
+        if id(name) in owned:
+            continue
+        if name in spec.globals_:
+            entry, slots = state[name], spec.globals_[name]
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"{where}: state entry {name!r} is a {type(entry).__name__}, expected a dict")
+            for key in slots:
+                if key not in entry:
+                    raise ValueError(f"{where}: state entry {name!r}: key {key!r} is missing")
+            for key, value in entry.items():
+                if key not in slots:
+                    raise ValueError(f"{where}: state entry {name!r}: unknown key {key!r} (expected "
+                                     f"{sorted(slots)})")
+                problem = _slot_problem(value, slots[key])
+                if problem:
+                    raise ValueError(f"{where}: state entry {name!r}: {key!r} {problem}")
+        else:
+            _warn_user(f"{where}: state entry {name!r} belongs to no parameter of the optimizer; kept and "
+                       "unused, as torch.optim does")
+    if spec.globals_required and any_state:
+        for name in spec.globals_:
+            if name not in state:
+                raise ValueError(f"{where}: the parameters have state but the state entry {name!r} "
+                                 f"({cls}'s global state) is missing")
+    for gi, (g, slots) in enumerate(zip(groups, spec.group_slots)):
+        extra = g.get("jax_state")
+        if extra is not None and not isinstance(extra, Mapping):
+            raise ValueError(f"{where}: param group {gi}: 'jax_state' is a {type(extra).__name__}, expected a dict")
+        known = {name for kind, name in (k for k in slots if isinstance(k, tuple))}
+        for name in (extra or {}):
+            if name not in known:
+                raise ValueError(f"{where}: param group {gi}: unknown 'jax_state' key {name!r} (expected "
+                                 f"{sorted(known)})")
+        for key, slot in slots.items():
+            if isinstance(key, tuple):
+                if extra and key[1] in extra:
+                    value, label = extra[key[1]], f"'jax_state' key {key[1]!r}"
+                else:
+                    continue
+            elif key in g:
+                value, label = g[key], f"{key!r}"
+            else:
+                continue
+            problem = _slot_problem(value, slot)
+            if problem:
+                raise ValueError(f"{where}: param group {gi}: {label} {problem}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -714,6 +971,9 @@ class JaxOptimizer(torch.optim.Optimizer):
     elementwise: ClassVar[bool] = False
     group_flag_defaults: ClassVar[Mapping[str, Any]] = {}
     scalar_state_keys: ClassVar[tuple[str, ...]] = ("step",)
+    # per-parameter keys whose absence torch.optim reads as "not started yet" (key -> what happens then):
+    # load_state_dict accepts their absence (or None) as torch does, with a UserWarning that says so
+    _optional_state_keys: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, params, optimizer: Optional[str] = None, defaults: Optional[Mapping[str, Any]] = None,
                  *, flat: bool = True, write_back: str = "copy", **hyperparams):
@@ -1001,7 +1261,66 @@ class JaxOptimizer(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
+        """torch's ``load_state_dict``; the loaded state is checked against this optimizer's configuration
+        before anything is replaced (:func:`validate_loaded_state`: ``ValueError`` naming the parameter and
+        the key; ``UserWarning`` where torch.optim accepts silently)."""
+        self.__dict__["_validating_load"] = True
+        try:
+            torch.optim.Optimizer.load_state_dict(self, state_dict)
+        finally:
+            self.__dict__.pop("_validating_load", None)
+
+    def _validate_if_loading(self, state) -> None:
+        """Called first in ``__setstate__``: validates when the call comes from :meth:`load_state_dict`."""
+        if self.__dict__.pop("_validating_load", False):
+            validate_loaded_state(self, state["state"], state["param_groups"])
+
+    def _load_spec(self, groups) -> LoadSpec:
+        """What the state of ``groups`` (the loaded groups with this optimizer's params) must hold: the keys,
+        shapes and dtypes of the JAX state that the next step builds (``init`` traced with
+        ``jax.eval_shape``, nothing computed), in the per-tensor layout and under the torch key names."""
+        per_param, group_slots, vocabulary = [], [], set(self.state_keys)
+        for gi, group in enumerate(groups):
+            params = list(group["params"])
+            if not params:
+                per_param.append([])
+                group_slots.append({})
+                continue
+            try:
+                entry = self._entry_for_group(group)
+                hyper = self._hyperparams(group)
+                static = tuple(sorted(self._static_config(group).items()))
+                spec = StepSpec(entry, static, None)
+                template = jax.eval_shape(functools.partial(_compiled_init, spec=spec), jax_shapes(params), hyper)
+            except Exception as exc:  # the loaded group's options do not make this optimizer
+                raise ValueError(f"{type(self).__name__}.load_state_dict: param group {gi} of the state dict: "
+                                 f"its options do not configure {type(self).__name__} "
+                                 f"({type(exc).__name__}: {exc})") from exc
+            template = _host_template(template)
+            walked = _walk_state(template, jax.tree.structure([0] * len(params)))
+            names = self._field_names(walked)
+            slots = [{} for _ in params]
+            gslots = {}
+            for path, sub, pp in walked:
+                if not pp:
+                    key = next((k for k, f in self.group_state_keys.items() if _field_matches(path, f)), None)
+                    leaf = np.asarray(sub)
+                    gslots[key if key is not None else ("jax_state", _path_name(path))] = StateSlot(
+                        tuple(leaf.shape), leaf.dtype)
+                    continue
+                key = names[path]
+                if key is None:
+                    continue  # presence counter: no torch key
+                vocabulary.add(key)
+                for i, p in enumerate(params):
+                    leaf = np.asarray(sub[i])
+                    floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+                    element = (tuple(leaf.shape) == tuple(p.shape) and floating
+                               and not (leaf.ndim == 0 and self._is_scalar_key(key)))
+                    slots[i][key] = StateSlot(tuple(leaf.shape), leaf.dtype, element)
+            per_param.append(slots)
+            group_slots.append(gslots)
+        return LoadSpec(per_param, frozenset(vocabulary), dict(self._optional_state_keys), group_slots=group_slots)
 
     def __getstate__(self):
         self._refresh_state()
@@ -1015,6 +1334,7 @@ class JaxOptimizer(torch.optim.Optimizer):
         return out
 
     def __setstate__(self, state) -> None:
+        self._validate_if_loading(state)
         super().__setstate__(state)
         for group in self.param_groups:
             for key, default in self.group_flag_defaults.items():

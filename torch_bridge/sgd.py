@@ -17,6 +17,8 @@ class SGD(JaxOptimizer):
     entry_name = "sgd"
     state_keys = {"momentum_buffer": "SGDState.momentum_buffer"}
     presence_fields = ("SGDState.count",)
+    _optional_state_keys = {"momentum_buffer": "as in torch.optim.SGD, the parameter counts as not stepped: its "
+                                               "momentum buffer starts from the next gradient"}
     elementwise = True
     group_flag_defaults = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False,
                            "fused": False}
