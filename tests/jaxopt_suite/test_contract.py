@@ -332,6 +332,7 @@ def sharding_report():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.xdist_group("sharding")  # one worker runs the (module-scoped, ~50 s) subprocess, not each worker
 @by_entry
 def test_sharded_params_match_single_device(entry, sharding_report):
     report = sharding_report[entry.name]

@@ -701,6 +701,7 @@ def _check_stability(num_seeds, factory):
     return final
 
 
+@pytest.mark.slow  # a study (~25 s); the default suite trains the README problem in test_step_modes_train_the_readme_model
 @needs_lookahead
 def test_stability_readme_problem_5_seeds_defaults():
     _check_stability(5, lambda: enhanced_sgd())

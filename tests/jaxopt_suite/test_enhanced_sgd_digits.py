@@ -115,6 +115,7 @@ def standardized_digits():
     return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
 
 
+@pytest.mark.slow  # a 3-seed study; the default suite trains EnhancedSGD on digits in test_digits_demo_settings_stay_finite
 def test_digits_accuracy_within_0_03_of_torch_sgd_over_3_seeds():
     x_train, y_train, x_test, y_test = standardized_digits()
     orders = [batch_indices(seed, len(x_train)) for seed in SEEDS]

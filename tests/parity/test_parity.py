@@ -22,8 +22,15 @@ def _group(case):
     return pytest.mark.xdist_group(case.name.split("@", 1)[0])
 
 
+def _slow_in_this_suite(case) -> bool:
+    """The case is slow, or it is a float32 row through the bridge's simple (per-tensor) path: the default
+    suite runs that path in float64 (tighter bars) and the float32 bridge rows on the flat path; the float32
+    simple-path rows run with ``-m slow`` (and in ``python -m parity``)."""
+    return case.slow or (case.name.endswith("@bridge_simple") and case.dtype == "float32")
+
+
 def _marks(case):
-    marks = [pytest.mark.slow] if case.slow else []
+    marks = [pytest.mark.slow] if _slow_in_this_suite(case) else []
     marks.append(_group(case))
     if case.known_issue:
         marks.append(pytest.mark.xfail(reason=case.known_issue, strict=True))
@@ -58,7 +65,7 @@ def test_parity(case):
 SENSITIVE = [c for c in CASES if c.wrong is not None]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=([pytest.mark.slow] if c.slow else [])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=([pytest.mark.slow] if _slow_in_this_suite(c) else [])
                                                  + [_group(c)])
                                   for c in SENSITIVE])
 def test_sensitivity(case):
