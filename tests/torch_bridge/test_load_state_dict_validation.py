@@ -323,11 +323,7 @@ def test_elra_add_param_group_after_steps_saves_complete_state():
         return model, tb.ELRA(model[0].parameters(), lr=1e-3, classes=10)
 
     def run(model, opt, steps):
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = model(X).pow(2).sum() + 1.0
-            loss.backward()
-            opt.step(value=loss)
+        train("ELRA", model, opt, steps)
 
     m_ref, o_ref = fresh()
     run(m_ref, o_ref, 2)
