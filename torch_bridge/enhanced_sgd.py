@@ -56,13 +56,18 @@ _PER_PARAM_FIELDS = ("momentum_buffer", "retained")
 _FACTORY_ARGS = tuple(inspect.signature(T.enhanced_sgd).parameters)
 
 
-def _transformation(lrs, moms, scalars, static):
-    return T.enhanced_sgd(learning_rate=list(lrs), momentum=list(moms), **scalars, **dict(static))
+def _transformation(lrs, moms, scalars, static, seed=None):
+    kwargs = dict(static)
+    if seed is not None:
+        kwargs["seed"] = seed
+    return T.enhanced_sgd(learning_rate=list(lrs), momentum=list(moms), **scalars, **kwargs)
 
 
+# The seed is a traced argument of the init (it only makes the initial PRNG key): instances that differ in
+# their seed (``seed=None`` draws one per instance) share one compiled init and one compiled step.
 @functools.partial(jax.jit, static_argnames=("static",))
-def _init(params, lrs, moms, scalars, *, static):
-    return _transformation(lrs, moms, scalars, static).init(params)
+def _init(params, lrs, moms, scalars, seed, *, static):
+    return _transformation(lrs, moms, scalars, static, seed).init(params)
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
@@ -181,11 +186,17 @@ class EnhancedSGD(JaxOptimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _static(self, *, for_update: bool = False) -> tuple:
-        """Static options; for the compiled update, init-only ones are fixed so that seeds share it."""
+    def _static(self, *, for_update: bool = False, for_init: bool = False) -> tuple:
+        """Static options as given; for a compiled function, the options it does not read are fixed (the
+        update reads no init-only option, the init gets the seed as a traced argument, :meth:`_seed`), so
+        that instances differing in them share it."""
         defaults = {"bayesian_init": False, "bayesian_prior_std": 0.05, "seed": 0}
-        return tuple((k, defaults[k] if for_update and k in _INIT_ONLY else _hashable(self.defaults[k]))
-                     for k in _STATIC)
+        fixed = _INIT_ONLY if for_update else ("seed",) if for_init else ()
+        return tuple((k, defaults[k] if k in fixed else _hashable(self.defaults[k])) for k in _STATIC)
+
+    def _seed(self):
+        """The seed as the init's traced argument: the array ``jax.random.PRNGKey`` makes of a Python int."""
+        return jnp.asarray(np.int64(int(self.defaults["seed"])))
 
     def _traced(self):
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 with x64 (like Python floats)
@@ -216,7 +227,7 @@ class EnhancedSGD(JaxOptimizer):
         params = self._params()
         params_j = [dlpack.to_jax_copy(p.detach()) for p in params]
         lrs, moms, scalars = self._traced()
-        state = _init(params_j, lrs, moms, scalars, static=self._static())
+        state = _init(params_j, lrs, moms, scalars, self._seed(), static=self._static(for_init=True))
         torch_state = [dict.get(self.state, p) or {} for p in params]
         controller = dict.get(self.state, "controller")
         if not any(torch_state) and not controller:
