@@ -18,7 +18,9 @@ How a step works (flat path, the default)
   skipped, the buffer switches for good to *segment mode*: the factory gets ``segments=FlatLayout`` and a
   ``grad_mask`` with one entry per segment.
 * Numeric hyperparameters are read from the group at every step (``float(...)``, so a tensor lr works)
-  and passed to the jitted step as traced arguments: schedulers never cause recompiles. Structural
+  and passed to the jitted step as traced arguments: schedulers never cause recompiles, and instances
+  that differ only in such values share one compiled step (integers a factory reads in ``init`` only,
+  such as a seed, are traced too). Structural
   options (maximize, amsgrad, nesterov...) are static; changing one rebuilds the state once through the
   torch-side state.
 * The new parameters land in a donated JAX-owned scratch buffer and are written back with one
@@ -100,7 +102,7 @@ import torch
 
 from jaxopt_suite import checkpoint as _ckpt
 from jaxopt_suite import registry
-from jaxopt_suite._common import FlatLayout, factory_signature
+from jaxopt_suite._common import INIT_ONLY_ATTR, FlatLayout, factory_signature
 
 from . import dlpack
 
@@ -1009,6 +1011,12 @@ class JaxOptimizer(torch.optim.Optimizer):
             key = "lr" if name == "learning_rate" else name
             if key in group and group[key] is not None and not isinstance(group[key], bool):
                 out[name] = float(group[key])
+        # integers the factory reads in init only (EnhancedSGD's seed): traced as integers, so that instances
+        # differing in them share the compiled step (a static value would compile one per instance)
+        for name in getattr(entry.factory, INIT_ONLY_ATTR, ()):
+            value = group.get("lr" if name == "learning_rate" else name)
+            if name not in out and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                out[name] = np.int64(value)
         return out
 
     def _static_config(self, group: Mapping[str, Any]) -> dict[str, Hashable]:
