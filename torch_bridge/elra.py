@@ -55,6 +55,7 @@ from jaxopt_suite.elra import (
 )
 
 from . import dlpack
+from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _FlatBuffer, _flat_candidate, _exclude_overlaps,
                         _NeedsRebuild, jax_shapes)
 
@@ -96,6 +97,10 @@ def _bridge_init(params, learning_rate, wd0, *, cfg):
     kw = dict(cfg)
     return elra(learning_rate, wd0, 1, 0.0 if kw["momentum_on"] else None, classes=kw["classes"],
                 batch_size=kw["batch_size"]).init(params)
+
+
+_optimizer._STEP_FUNCTIONS.append(_bridge_step)
+_optimizer._INIT_FUNCTIONS.append(_bridge_init)
 
 
 class _SimpleLeaves:

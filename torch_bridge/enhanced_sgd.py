@@ -36,6 +36,7 @@ from jaxopt_suite.enhanced_sgd import transform as T
 from jaxopt_suite.lookahead import LookaheadState
 
 from . import dlpack
+from . import optimizer as _optimizer
 from .optimizer import JaxOptimizer, LoadSpec, StateSlot, _LazyState, jax_shapes
 
 __all__ = ["EnhancedSGD"]
@@ -79,6 +80,10 @@ def _step(state, params, grads, mask, lrs, moms, scalars, value, *, static):
     updates, state = tx.update(grads, state, params, **extra)
     new_params = [(p + u).astype(p.dtype) for p, u in zip(params, updates)]
     return new_params, state
+
+
+_optimizer._STEP_FUNCTIONS.append(_step)
+_optimizer._INIT_FUNCTIONS.append(_init)
 
 
 def _hashable(value):

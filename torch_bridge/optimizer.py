@@ -106,8 +106,8 @@ from jaxopt_suite._common import INIT_ONLY_ATTR, FlatLayout, factory_signature
 
 from . import dlpack
 
-__all__ = ["JaxOptimizer", "LoadSpec", "StateSlot", "StepSpec", "compiled_step_cache_size", "entry_info",
-           "validate_loaded_state"]
+__all__ = ["JaxOptimizer", "LoadSpec", "StateSlot", "StepSpec", "compiled_init_cache_size",
+           "compiled_step_cache_size", "entry_info", "validate_loaded_state"]
 
 SIMPLE_PATH_WARN_LEAVES = 400
 
@@ -164,9 +164,20 @@ def _compiled_step(scratch, state, params, grads, hyper, grad_mask, value, *, sp
     return new_params, new_state
 
 
+# the jitted steps and inits of every bridge class (ELRA and EnhancedSGD register their own)
+_STEP_FUNCTIONS = [_compiled_step]
+_INIT_FUNCTIONS = [_compiled_init]
+
+
 def compiled_step_cache_size() -> int:
-    """Number of compiled step executables (all instances share them); tests count recompiles with it."""
-    return _compiled_step._cache_size()
+    """Number of compiled step executables of all bridge classes (all instances share them); tests count
+    recompiles with it: instances that differ only in numeric hyperparameters (or a seed) add none."""
+    return sum(f._cache_size() for f in _STEP_FUNCTIONS)
+
+
+def compiled_init_cache_size() -> int:
+    """Number of compiled state initialisations of all bridge classes (shared like the steps)."""
+    return sum(f._cache_size() for f in _INIT_FUNCTIONS)
 
 
 # --------------------------------------------------------------------------------------------------
