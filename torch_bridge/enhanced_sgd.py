@@ -125,7 +125,12 @@ class EnhancedSGD(JaxOptimizer):
 
     Positional arguments follow the reference implementation's order and defaults; options it did not have
     are keyword-only. ``layer_type_scaling`` and ``grad_cam_scaling`` were never implemented there and raise
-    ``NotImplementedError``. ``seed=None`` draws the seed once from torch's global generator.
+    ``NotImplementedError``. ``seed=None`` draws the seed once from torch's global generator. The seed, ``lr``,
+    ``momentum`` and the numeric options of ``_SCALARS`` (``smoothing_factor``, ``noise_scale``, the ``q_*``
+    rates, ``lookahead_alpha``...) are data, not compile-time constants: instances that differ only in them
+    share one compiled init and one compiled step. The structural options (``lookahead_k``, the flags,
+    ``gradient_buffer_size``, ``max_momentum``, the scale bounds, ``spike_recovery_steps``, ``entropy_bins``,
+    ``bayesian_prior_std``: static in the factory) compile once per value.
     """
 
     entry_name = "enhanced_sgd"
