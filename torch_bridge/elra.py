@@ -347,13 +347,20 @@ class ELRA(JaxOptimizer):
         self._numeric = jax.device_put(elra_numeric(k["weight_decay"], k["warmup"], k["momentum"]), device)
         self._needs_import = False
 
-    def _fresh_state(self, params) -> ElraState:
-        """``elra(...).init(params)`` with the learning rate and weight decay as traced arguments."""
+    def _init_call(self):
+        """``(init, learning_rate, wd0)``: the compiled init with its static configuration bound and its
+        traced arguments (the learning rate in the control dtype, the mapped weight decay). The fresh state
+        (:meth:`_fresh_state`) and the load spec (:meth:`_load_spec`, ``jax.eval_shape`` of the same call)
+        share it, so that what ``load_state_dict`` expects is what the next step builds."""
         k = self._kwargs
-        cd = control_dtype()
         wd0 = elra_numeric(k["weight_decay"])["wd0"]
         cfg = (("classes", k["classes"]), ("batch_size", k["batch_size"]), ("momentum_on", k["momentum"] is not None))
-        return _bridge_init(params, jnp.asarray(k["learning_rate"], cd), wd0, cfg=cfg)
+        return (functools.partial(_bridge_init, cfg=cfg), jnp.asarray(k["learning_rate"], control_dtype()), wd0)
+
+    def _fresh_state(self, params) -> ElraState:
+        """``elra(...).init(params)`` with the learning rate and weight decay as traced arguments."""
+        init, learning_rate, wd0 = self._init_call()
+        return init(params, learning_rate, wd0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for lv in self._leaves:
@@ -646,7 +653,8 @@ class ELRA(JaxOptimizer):
         if not trainable:
             return LoadSpec([[None] * len(g["params"]) for g in groups], frozenset(_PER_PARAM_KEYS),
                             group_slots=[{} for _ in groups])
-        fresh = jax.eval_shape(functools.partial(_bridge_init, cfg=self._cfg), jax_shapes(trainable))
+        init, learning_rate, wd0 = self._init_call()
+        fresh = jax.eval_shape(init, jax_shapes(trainable), learning_rate, wd0)
         keys = [k for k, f in _PER_PARAM_KEYS.items() if getattr(fresh, f) is not None]
         per_param = [[{k: StateSlot(tuple(p.shape), p.dtype, True) for k in keys} if p.requires_grad else None
                       for p in g["params"]] for g in groups]

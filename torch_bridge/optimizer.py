@@ -862,13 +862,43 @@ def _as_tensor(value, index: int, param: torch.Tensor) -> torch.Tensor:
     return value.detach().to(device=param.device)
 
 
+_TORCH_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def _scalar_of(value):
     if torch.is_tensor(value):
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16 or value.dtype == torch.float16:
             value = value.float()
+        if value.dtype in _TORCH_UNSIGNED:  # torch's barebones unsigned dtypes (older state dicts)
+            value = value.to(torch.int64)
         return value.numpy()
     return np.asarray(value)
+
+
+def _host_to_torch(host) -> torch.Tensor:
+    """A global (non-parameter) JAX state leaf, on the host, as a torch tensor of the same values. Unsigned
+    integers (PRNG keys: ``uint32`` words) become ``int64``, which holds every ``uint32`` value exactly:
+    torch's ``uint32`` tensors pickle but cannot be unpickled, so ``pickle`` / ``copy.deepcopy`` of the
+    optimizer or its state dict would fail at restore. :func:`_host_of_torch` casts back."""
+    host = np.array(host)
+    if host.dtype.kind == "u":
+        if host.dtype.itemsize > 4:
+            raise TypeError(f"a {host.dtype} state leaf does not fit int64 exactly")
+        host = host.astype(np.int64)
+    return torch.from_numpy(host)
+
+
+def _host_of_torch(value, dtype) -> np.ndarray:
+    """A torch-side global state value as a host array of the JAX leaf's ``dtype``: exact for what
+    :func:`_host_to_torch` wrote (and for ``uint32`` tensors of older state dicts); integers outside the
+    range of an integer ``dtype`` raise ``ValueError`` instead of wrapping around."""
+    host, dtype = np.asarray(_scalar_of(value)), np.dtype(dtype)
+    if dtype.kind in "iu" and host.dtype.kind in "iu" and host.size:
+        info = np.iinfo(dtype)
+        if host.min() < info.min or host.max() > info.max:
+            raise ValueError(f"a state value holds integers outside the range of {dtype}")
+    return host.astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1087,9 +1117,9 @@ class JaxOptimizer(torch.optim.Optimizer):
             key = next((k for k, f in self.group_state_keys.items() if _field_matches(path, f)), None)
             host = np.asarray(leaf)
             if key is not None:
-                group[key] = host.item() if host.ndim == 0 else torch.as_tensor(host.copy())
+                group[key] = host.item() if host.ndim == 0 else _host_to_torch(host)
             else:
-                extra[_path_name(path)] = torch.as_tensor(host.copy())
+                extra[_path_name(path)] = _host_to_torch(host)
         if extra:
             group["jax_state"] = extra
 
@@ -1104,7 +1134,7 @@ class JaxOptimizer(torch.optim.Optimizer):
                 value = extra[_path_name(path)]
             else:
                 continue
-            replacements[path] = jnp.asarray(_scalar_of(value), dtype=leaf.dtype).reshape(leaf.shape)
+            replacements[path] = jnp.asarray(_host_of_torch(value, leaf.dtype), dtype=leaf.dtype).reshape(leaf.shape)
         return replacements
 
     # ---- runtime (adoption of params into buffers) --------------------------------------------
