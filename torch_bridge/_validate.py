@@ -188,10 +188,11 @@ def check_group(group: Mapping[str, Any], kinds: Mapping[str, Any], optional_num
         elif _is_number(default) or (default is None and key in optional_numbers):
             check_number(key, value, optional=key in optional_numbers)
         elif (isinstance(default, tuple) and default and all(_is_number(d) for d in default)):
-            if not isinstance(value, (tuple, list)) or len(value) != len(default):
+            # only the entries the default has: AutoSGM's eps_cfg may carry extras (ignored, with a warning)
+            if not isinstance(value, (tuple, list)) or len(value) < len(default):
                 raise HyperparameterTypeError(f"{key} must be a tuple of {len(default)} numbers, got "
                                               f"{_describe(value)}")
-            for i, v in enumerate(value):
+            for i, v in enumerate(value[:len(default)]):
                 check_number(f"{key}[{i}]", v)
     # torch's range checks with torch's messages, for the keys named as torch names them
     # (in the `x < 0` form: NaN is left to the finiteness check below, whose message says why)
@@ -214,5 +215,5 @@ def check_group(group: Mapping[str, Any], kinds: Mapping[str, Any], optional_num
         if _is_number(default) or (default is None and key in optional_numbers):
             check_strict(key, value, _LABELS.get(key), optional=key in optional_numbers)
         elif isinstance(default, tuple) and default and all(_is_number(d) for d in default):
-            for i, v in enumerate(value):
+            for i, v in enumerate(value[:len(default)]):
                 check_strict(f"{key}[{i}]", v)
