@@ -48,6 +48,21 @@ def is_concrete(value: Any) -> bool:
     return True
 
 
+class HyperparameterTypeError(TypeError, ValueError):
+    """A hyperparameter of the wrong kind: ``None``, a string, a bool or a complex number where a real
+    number is required.
+
+    A ``TypeError`` (what Python raises for an operand of the wrong type) that is also a ``ValueError``, so
+    code catching the range checks' ``ValueError`` catches it too.
+    """
+
+
+def _range_text(ge, gt, le, lt) -> str:
+    low = f"[{ge}" if ge is not None else (f"({gt}" if gt is not None else "(-inf")
+    high = f"{le}]" if le is not None else (f"{lt})" if lt is not None else "inf)")
+    return f"{low}, {high}"
+
+
 def check_range(
     name: str,
     value: Any,
@@ -56,40 +71,68 @@ def check_range(
     gt: Optional[float] = None,
     le: Optional[float] = None,
     lt: Optional[float] = None,
+    finite: bool = True,
+    optional: bool = False,
 ) -> None:
-    """Raise ``ValueError`` naming ``name`` and the allowed range when a concrete value falls outside it.
+    """Check a numeric hyperparameter; the message names ``name``, the value and the allowed range.
 
-    Traced values and schedules (callables) are not checked: they are only known inside ``jit``.
+    * ``None`` raises :class:`HyperparameterTypeError` unless ``optional`` (an argument whose ``None``
+      means something, such as SGD's "no momentum buffer").
+    * Strings, bools, complex numbers and other non-numbers raise :class:`HyperparameterTypeError`.
+    * NaN, and unless ``finite=False`` also ±inf, raise ``ValueError``: the range ``[0, inf)`` is that of
+      the finite numbers ``>= 0``. No hyperparameter of the suite has a meaning at infinity (an infinite
+      learning rate, decay, ``eps``, ASGD ``alpha``/``t0``... gives NaN parameters or a step that never
+      moves), so this is stricter than ``torch.optim``, which accepts them.
+    * A value outside the bounds raises ``ValueError``.
+
+    Arrays are checked elementwise (every entry must pass). Traced values (inside ``jit``, e.g. the
+    hyperparameters ``optax.inject_hyperparams`` passes to ``update``) and callables are not checked here:
+    they are checked where they become concrete (a schedule by :func:`check_learning_rate` at its first
+    value, ``inject_hyperparams`` values when ``init`` runs outside ``jit``) or not at all.
     """
-    if value is None or not is_concrete(value):
+    if value is None:
+        if optional:
+            return
+        raise HyperparameterTypeError(
+            f"Invalid {name}: None; expected a real number in {_range_text(ge, gt, le, lt)}.")
+    if isinstance(value, (str, bytes)):
+        raise HyperparameterTypeError(
+            f"Invalid {name}: {value!r} (a string); expected a real number in {_range_text(ge, gt, le, lt)}.")
+    if not is_concrete(value):
         return
     arr = np.asarray(value)
     # jnp.issubdtype also knows the ml_dtypes floats (bfloat16, float8...) that inject_hyperparams may pass
-    if arr.dtype == bool or not jnp.issubdtype(arr.dtype, jnp.number):
-        raise ValueError(f"Invalid {name}: {value!r}; expected a real number.")
-    low = f"[{ge}" if ge is not None else (f"({gt}" if gt is not None else "(-inf")
-    high = f"{le}]" if le is not None else (f"{lt})" if lt is not None else "inf)")
+    if (arr.dtype == bool or not jnp.issubdtype(arr.dtype, jnp.number)
+            or jnp.issubdtype(arr.dtype, jnp.complexfloating)):
+        kind = "a bool" if arr.dtype == bool else f"of type {type(value).__name__}"
+        raise HyperparameterTypeError(
+            f"Invalid {name}: {value!r} ({kind}); expected a real number in {_range_text(ge, gt, le, lt)}.")
+    x = arr.astype(np.float64)
     bad = (
-        (ge is not None and np.any(arr < ge))
-        or (gt is not None and np.any(arr <= gt))
-        or (le is not None and np.any(arr > le))
-        or (lt is not None and np.any(arr >= lt))
-        or np.any(np.isnan(arr))
+        (ge is not None and np.any(x < ge))
+        or (gt is not None and np.any(x <= gt))
+        or (le is not None and np.any(x > le))
+        or (lt is not None and np.any(x >= lt))
+        or np.any(np.isnan(x))
+        or (finite and not np.all(np.isfinite(x)))
     )
     if bad:
-        raise ValueError(f"Invalid {name}: {value!r}; allowed range is {low}, {high}.")
+        note = " (finite values only)" if finite and np.any(np.isinf(x)) else ""
+        raise ValueError(f"Invalid {name}: {value!r}; allowed range is {_range_text(ge, gt, le, lt)}{note}.")
 
 
-def check_learning_rate(learning_rate: Any) -> None:
-    """A learning rate must be >= 0 (a schedule is checked at its first value)."""
+def check_learning_rate(learning_rate: Any, name: str = "learning_rate", **bounds: Any) -> None:
+    """A learning rate: a finite number in ``bounds`` (default ``>= 0``), or a schedule checked at its first
+    value ``schedule(0)`` (a schedule that needs tracing is checked at use). ``None`` raises."""
+    bounds = bounds or {"ge": 0.0}
     if callable(learning_rate):
         try:
             first = learning_rate(0)
         except Exception:  # noqa: BLE001 - schedules that need tracing are checked at use
             return
-        check_range("learning_rate", first, ge=0.0)
+        check_range(name, first, **bounds)
     else:
-        check_range("learning_rate", learning_rate, ge=0.0)
+        check_range(name, learning_rate, **bounds)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -501,9 +544,11 @@ def maybe_maximize(maximize: bool) -> Optional[optax.GradientTransformation]:
 
 
 def static_bool(name: str, value: Any) -> bool:
-    """Structure-changing flags must be Python bools (never traced)."""
+    """Structure-changing flags must be Python bools (never traced): ``"no"``, ``1`` or ``None`` raise
+    ``TypeError`` naming the flag (``bool("no")`` would be True)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a Python bool (it changes the computation), got {value!r}.")
+        raise TypeError(f"{name} must be a Python bool (True or False; it changes the computation), "
+                        f"got {value!r}.")
     return bool(value)
 
 

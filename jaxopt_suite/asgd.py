@@ -192,7 +192,7 @@ def asgd(
     C.check_range("alpha", alpha, ge=0.0)
     C.check_range("t0", t0, ge=0.0)
     C.check_range("weight_decay", weight_decay, ge=0.0)
-    C.check_range("momentum", momentum, ge=0.0, le=1.0)
+    C.check_range("momentum", momentum, ge=0.0, le=1.0, optional=True)  # None: no momentum buffer
     C.static_bool("maximize", maximize)
     C.check_choice("scalar_dtype", scalar_dtype, SCALAR_DTYPES)
     return C.chain(

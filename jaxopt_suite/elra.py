@@ -212,20 +212,23 @@ def _validate(learning_rate, weight_decay, warmup, momentum, classes, batch_size
             "bridge's ELRA likewise lets LR schedulers run on its 'lr' without effect). Pass the initial "
             "step size as a number.")
     C.check_range("learning_rate", learning_rate, gt=0.0)
-    if weight_decay is not None and C.is_concrete(weight_decay):
-        C.check_range("weight_decay", weight_decay, ge=0.0, le=1.0)
+    C.check_range("weight_decay", weight_decay, ge=0.0, le=1.0)
+    if C.is_concrete(weight_decay):
         wd0 = _wd0(float(np.asarray(weight_decay)))
         if not 0.0 <= wd0 < 0.1:
             raise ValueError(
                 f"Invalid weight_decay: {weight_decay!r}; allowed range is [0, 0.1) or (0.9, 1] "
                 "(values above 0.5 mean 1 - weight_decay).")
     C.check_range("warmup", warmup, ge=0.0)
-    if momentum is not None:
-        C.check_range("momentum", momentum, ge=0.0, lt=1.0)
-    if not isinstance(classes, (int, np.integer)) or isinstance(classes, bool) or classes < 0:
-        raise ValueError(f"Invalid classes: {classes!r}; expected a Python int >= 0 (< 2: MATH mode).")
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"Invalid batch_size: {batch_size!r}; expected a Python int >= 1.")
+    C.check_range("momentum", momentum, ge=0.0, lt=1.0, optional=True)  # None: no momentum
+    for name, value, low, meaning in (("classes", classes, 0, " (< 2: MATH mode, >= 2: DNN mode)"),
+                                      ("batch_size", batch_size, 1, "")):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+            # e.g. classes=2.5 is no mode: never truncated to an int
+            raise C.HyperparameterTypeError(
+                f"Invalid {name}: {value!r} ({type(value).__name__}); expected a Python int >= {low}{meaning}.")
+        if value < low:
+            raise ValueError(f"Invalid {name}: {value!r}; expected a Python int >= {low}{meaning}.")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def sgd(
       PyTorch ``torch.optim.SGD``; Sutskever et al. 2013 (Nesterov form).
     """
     C.check_learning_rate(learning_rate)
-    C.check_range("momentum", momentum, ge=0.0, le=1.0)
+    C.check_range("momentum", momentum, ge=0.0, le=1.0, optional=True)  # None: no momentum buffer
     C.check_range("dampening", dampening, ge=0.0, le=1.0)
     C.check_range("weight_decay", weight_decay, ge=0.0)
     C.static_bool("nesterov", nesterov)

@@ -29,8 +29,10 @@ class Adam(JaxOptimizer):
             decoupled_weight_decay = self._decoupled_default
         V.check_lr(lr, foreach=foreach, capturable=capturable)
         V.check_eps(eps)
-        betas = V.check_betas(betas)
+        V.check_beta(betas, 0)
+        V.check_beta(betas, 1)
         V.check_weight_decay(weight_decay)
+        betas = V.check_beta_kinds(betas, foreach=foreach, capturable=capturable)
         V.check_flags(foreach=foreach, fused=fused, differentiable=differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,

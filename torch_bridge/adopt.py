@@ -35,10 +35,8 @@ class ADOPT(JaxOptimizer):
                  write_back="copy"):
         V.check_lr(lr, foreach=foreach, capturable=capturable)
         V.check_eps(eps)
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        V.check_beta(betas, 0)
+        V.check_beta(betas, 1)
         V.check_weight_decay(weight_decay)
         if fused:
             raise RuntimeError("`fused` is not currently supported")

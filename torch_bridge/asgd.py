@@ -8,6 +8,7 @@ import torch
 
 import jaxopt_suite
 
+from . import _validate as V
 from .adopt import registry_or
 from .optimizer import JaxOptimizer
 
@@ -29,14 +30,10 @@ class ASGD(JaxOptimizer):
     def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None,
                  maximize=False, differentiable=False, capturable=False, *, momentum=0.0, flat=True,
                  write_back="copy"):
-        if torch.is_tensor(lr) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
+        # torch.optim.ASGD's checks, in its order (lambd, alpha, t0: see JaxOptimizer._check_group)
+        V.check_lr(lr, foreach=False)
+        V.check_weight_decay(weight_decay)
+        V.check_momentum(momentum)
         self.scalar_dtype = None  # torch's scalar dtype, fixed at the first step as torch creates its state
         defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable,
@@ -53,6 +50,13 @@ class ASGD(JaxOptimizer):
         if float(group["momentum"]) != 0.0:
             out["momentum"] = float(group["momentum"])
         return out
+
+    def _validation_static(self, group):
+        # as _static_config, without fixing the scalar dtype (torch fixes it at the first step)
+        static = {"maximize": bool(group["maximize"]), "scalar_dtype": self.scalar_dtype or "float32"}
+        if float(group["momentum"]) == 0.0:
+            static["momentum"] = None
+        return static
 
     def _static_config(self, group):
         if self.scalar_dtype is None:

@@ -168,6 +168,11 @@ class AutoSGM(JaxOptimizer):
             _scale_by_autosgm(**cfg)  # range checks with messages naming the argument
 
     # ---- the bridge hooks ---------------------------------------------------------------------
+    def _group_kinds(self):
+        kinds, optional = super()._group_kinds()
+        kinds["lr"] = DEFAULT_LR_CFG[1]  # the signature's lr=None only means "take lr_cfg[1]"
+        return kinds, optional
+
     def _entry_for_group(self, group):
         return _bridge_factory
 

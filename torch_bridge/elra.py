@@ -54,6 +54,7 @@ from jaxopt_suite.elra import (
     elra_step_numeric,
 )
 
+from . import _validate as V
 from . import dlpack
 from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _FlatBuffer, _flat_candidate, _exclude_overlaps,
@@ -245,9 +246,20 @@ class ELRA(JaxOptimizer):
                  dummy=None, momentum: Optional[float] = None, weight_decay: float = 0.0, warmup: int = 1, *,
                  flat: bool = True):
         del model, mode, dummy  # accepted for compatibility with the package; unused there as well
-        momentum = float(momentum) if momentum else None
-        # the JAX factory validates (ValueError naming the argument)
-        elra(lr, weight_decay, warmup, momentum, classes=int(classes), batch_size=int(batch_size))
+        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("warmup", warmup)):
+            V.check_strict(name, value)
+        # the package's rule: a falsy momentum (None, 0, False) means none; anything else must be a number
+        if momentum is None or (isinstance(momentum, (bool, np.bool_)) and not momentum) or (
+                isinstance(momentum, (int, float, np.integer, np.floating)) and momentum == 0) or (
+                torch.is_tensor(momentum) and momentum.numel() == 1 and float(momentum) == 0):
+            momentum = None
+        else:
+            V.check_strict("momentum", momentum)
+            momentum = float(momentum)
+        lr, weight_decay, warmup = (V.scalar(v) for v in (lr, weight_decay, warmup))
+        # the JAX factory validates, with messages naming the argument: ranges, and classes/batch_size must be
+        # ints (classes=2.5 is no mode; it is not truncated to DNN mode)
+        elra(lr, weight_decay, warmup, momentum, classes=classes, batch_size=batch_size)
         # the arguments as given (checkpoint conversion); compiled code only sees the structure
         self._kwargs = dict(learning_rate=float(lr), weight_decay=float(weight_decay), warmup=warmup,
                             momentum=momentum, classes=int(classes), batch_size=int(batch_size))

@@ -37,6 +37,7 @@ import torch
 from jaxopt_suite.enhanced_sgd import transform as T
 from jaxopt_suite.lookahead import LookaheadState
 
+from . import _validate as V
 from . import dlpack
 from . import optimizer as _optimizer
 from .optimizer import JaxOptimizer, LoadSpec, StateSlot, _LazyState, _host_of_torch, _host_to_torch, jax_shapes
@@ -194,6 +195,8 @@ class EnhancedSGD(JaxOptimizer):
                     raise ValueError(f"EnhancedSGD: option {key!r} is global; param group {i} overrides it "
                                      f"({group.get(key)!r} != {self.defaults[key]!r}). Only 'lr' and "
                                      "'momentum' may differ per group.")
+            V.check_strict("lr", group["lr"], "Invalid learning rate")
+            V.check_strict("momentum", group["momentum"], "Invalid momentum value")
             if not float(group["lr"]) > 0:
                 raise ValueError(f"Invalid learning rate: {group['lr']} (param group {i})")
             if not 0 <= float(group["momentum"]) < 1:

@@ -19,21 +19,27 @@ import collections
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
 import jaxopt_suite
 from jaxopt_suite import registry
 
+from . import _validate as V
 from .optimizer import JaxOptimizer, entry_info
 
 RESETS = ("none", "inner", "momentum")
 
 
 def _check(k, alpha, reset):
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"Invalid k value: {k}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"Invalid alpha value: {alpha}")
+    """Lookahead's arguments: ``k`` an int >= 1, ``alpha`` in (0, 1] (0 would pull the fast weights back to
+    the slow ones at every sync, so nothing ever trains; the JAX factory rejects it too), ``reset`` a mode."""
+    if not isinstance(k, (int, np.integer)) or isinstance(k, (bool, np.bool_)) or k < 1:
+        raise ValueError(f"Invalid k value: {k!r}; expected an int >= 1")
+    V.check_number("alpha", alpha)
+    if isinstance(alpha, (bool, np.bool_)) or not 0.0 < alpha <= 1.0:
+        raise ValueError(f"Invalid alpha value: {alpha}; allowed range is (0, 1] (alpha weights the fast "
+                         "weights at a sync: 0 would never train)")
     if reset not in RESETS:
         raise ValueError(f"Invalid reset value: {reset!r}; expected one of {list(RESETS)}")
 
@@ -99,6 +105,14 @@ class Lookahead(JaxOptimizer):
                 st = {**st, "slow_param": p.detach().clone()}
             dict.__setitem__(self.state, p, st)
         self._runtime_valid = False  # re-adopt with the inherited state at the first step
+
+    def _group_kinds(self):
+        kinds, optional = self.optimizer._group_kinds()
+        return {**kinds, "k": 5, "alpha": 0.5, "lookahead_step": 0}, optional
+
+    def _check_group(self, group):
+        _check(group["k"], group["alpha"], self.reset)  # before int(k) could truncate a k of 2.5
+        super()._check_group(group)
 
     def _entry_for_group(self, group):
         return LookaheadFactory(self.optimizer._entry_for_group(group))

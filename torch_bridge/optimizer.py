@@ -46,6 +46,13 @@ torch's own errors for param-group count and size mismatches are kept. Where tor
 (SGD's ``momentum_buffer`` missing or None: "not started"; a key of the class this configuration does not
 use; a state entry of no parameter) the bridge does the same with a ``UserWarning``.
 
+Every param group is validated when it is added (at construction and by ``add_param_group``; a group that fails
+is not added): :meth:`JaxOptimizer._check_group` runs the bridge's type, flag and finiteness checks (stricter
+than torch.optim; the named classes run torch's own checks, with torch's messages, first) and then builds the
+group's JAX transformation once, so the registry factory's range checks run at construction. The generic
+``JaxOptimizer(params, "name", **kw)`` validates the same way through the entry's factory. Values changed in a
+group later (schedulers) are not checked.
+
 Writing a subclass (one torch-style class per registry entry)
 -------------------------------------------------------------
 A subclass maps torch-style arguments to a registry entry::
@@ -104,6 +111,7 @@ from jaxopt_suite import checkpoint as _ckpt
 from jaxopt_suite import registry
 from jaxopt_suite._common import INIT_ONLY_ATTR, FlatLayout, factory_signature
 
+from . import _validate as V
 from . import dlpack
 
 __all__ = ["JaxOptimizer", "LoadSpec", "StateSlot", "StepSpec", "compiled_init_cache_size",
@@ -1073,6 +1081,55 @@ class JaxOptimizer(torch.optim.Optimizer):
             out[name] = group[key]
         return out
 
+    # ---- validation (every param group, at construction and in add_param_group) ------------------
+    def _group_kinds(self) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """``(kinds, optional_numbers)`` for :func:`torch_bridge._validate.check_group`.
+
+        ``kinds``: per group key, a default of the kind the key must hold (not the user's value): for a
+        named class its ``__init__`` defaults overlaid with ``group_flag_defaults``; for the generic class
+        the registry factory's signature (``lr`` for ``learning_rate``; flags are checked by the factory), where a numeric hyperparameter
+        defaulting to ``None`` (SGD's ``momentum``: no buffer) accepts ``None``.
+        """
+        if self._generic:
+            entry = registry.get(self._entry_name)
+            # flags are left to the factory (static_bool, or a choice such as EnhancedSGD's gradient_centering)
+            kinds = {("lr" if n == "learning_rate" else n): p.default
+                     for n, p in factory_signature(entry.factory).parameters.items()
+                     if p.default is not p.empty and not isinstance(p.default, bool)}
+            optional = tuple(("lr" if n == "learning_rate" else n) for n in entry.hyperparams
+                             if kinds.get("lr" if n == "learning_rate" else n, 0) is None)
+            return kinds, optional
+        kinds = {n: p.default for n, p in inspect.signature(type(self).__init__).parameters.items()
+                 if p.default is not p.empty}
+        kinds.update(self.group_flag_defaults)
+        return kinds, ()
+
+    def _validation_static(self, group: Mapping[str, Any]) -> dict[str, Hashable]:
+        """The static config :meth:`_check_group` builds with (a subclass whose ``_static_config`` latches
+        state at the first step overrides this)."""
+        return self._static_config(group)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """Validate one param group: the bridge's type, flag and finiteness checks (stricter than torch,
+        after torch's own checks in the named constructors; :func:`torch_bridge._validate.check_group`),
+        then the group's registry factory builds its transformation once, so the JAX factory's range checks
+        (``ValueError`` naming the argument) run now rather than at the first step. The generic class passes
+        the group's values as given (tensors as Python numbers) to the entry's factory."""
+        kinds, optional = self._group_kinds()
+        V.check_group(group, kinds, optional)
+        entry = self._entry_for_group(group)
+        if self._generic:
+            reg = registry.get(entry)
+            kwargs = {}
+            for name in factory_signature(reg.factory).parameters:
+                key = "lr" if name == "learning_rate" else name
+                if name != "segments" and key in group:
+                    kwargs[name] = V.scalar(group[key])
+            reg.build(**kwargs)
+        else:
+            StepSpec(entry, tuple(sorted(self._validation_static(group).items()))).transformation(
+                self._hyperparams(group))
+
     def _state_value_to_torch(self, key: str, value: np.ndarray, param: torch.Tensor):
         """A per-parameter scalar state value in torch's format (``step`` is a 0-d float32 tensor)."""
         value = np.asarray(value)
@@ -1212,7 +1269,13 @@ class JaxOptimizer(torch.optim.Optimizer):
 
     # ---- torch.optim API ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, then :meth:`_check_group` on the new group (removed again if it fails)."""
         super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except BaseException:
+            self.param_groups.pop()
+            raise
         if hasattr(self, "_runtime") and self._runtime_valid and len(self._runtime) == len(self.param_groups) - 1:
             self._runtime.append(self._adopt_group(self.param_groups[-1]))
 

@@ -25,13 +25,10 @@ class SGD(JaxOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, flat=True, write_back="copy"):
-        if V.scalar(lr) is not lr and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        # torch.optim.SGD's checks, in its order (a tensor lr: any foreach is fine for SGD)
+        V.check_lr(lr, foreach=False, sgd=True)
         V.check_momentum(momentum)
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        V.check_weight_decay(weight_decay, sgd=True)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         V.check_flags(foreach=foreach, fused=fused, differentiable=differentiable)

@@ -56,7 +56,7 @@ import optax
 
 from .. import _common as C
 from .filters import compute_dtype, is_zero, lowpass
-from .windows import autosgm_window
+from .windows import _is_int, autosgm_window
 
 HUBER_CLIP = 4.0
 NUMERATOR_POLE = 0.1
@@ -446,7 +446,7 @@ def config_from_tuples(
         warnings.warn(f"eps_cfg={eps_cfg!r}: only eps_cfg[0] is used; the extra entries are ignored.",
                       stacklevel=3)
     aoptlr, learning_rate, num_lrc = lr_cfg
-    if isinstance(aoptlr, (bool, np.bool_)) or aoptlr in (0, 1):
+    if isinstance(aoptlr, (bool, np.bool_)) or (_is_int(aoptlr) and aoptlr in (0, 1)):
         aoptlr = bool(aoptlr)
     else:
         hint = "; the Huberised step of lr_cfg[0] == 4 is num_lrc=4, i.e. lr_cfg=(True, lr, 4)" if aoptlr == 4 else ""
@@ -456,10 +456,16 @@ def config_from_tuples(
     weight_decay, wd_level = wd_cfg
     window = None if rcm == 0 else autosgm_window(rcm, spe=spe, tau=tau, inseq=inseq, x=x, n=n, m=m,
                                                   cfact=cfact, e=e)
+    if isinstance(debias, (bool, np.bool_)) or (_is_int(debias) and debias in (0, 1)):
+        debias = bool(debias)  # the reference writes 0/1 too; anything else (a string: bool("no") is True) raises
+    else:
+        raise C.HyperparameterTypeError(f"Invalid beta_cfg[5] (debias): {debias!r}; expected a bool (or 0/1).")
+    # integer options stay as given unless they are integers (no truncation of 2.5): _validate names them
+    num_lrc, wd_level = (int(v) if _is_int(v) else v for v in (num_lrc, wd_level))
     return dict(
         learning_rate=learning_rate, beta_n=beta_n, beta_a=beta_a, beta_i=beta_i, gamma_i=gamma_i, eta_i=eta_i,
-        weight_decay=weight_decay, eps=eps_cfg[0], aoptlr=aoptlr, num_lrc=int(num_lrc), debias=bool(debias),
-        wd_level=int(wd_level), window=window, maximize=bool(maximize),
+        weight_decay=weight_decay, eps=eps_cfg[0], aoptlr=aoptlr, num_lrc=num_lrc, debias=debias,
+        wd_level=wd_level, window=window, maximize=maximize,
     )
 
 

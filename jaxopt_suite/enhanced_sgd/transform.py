@@ -220,9 +220,10 @@ def _validate(
         if not callable(value) and any(callable(leaf) for leaf in jax.tree.leaves(value)):
             raise ValueError(f"Invalid {name}: {value!r}; per-leaf values must be numbers (a learning-rate "
                              "schedule is one callable for every leaf).")
-    for leaf in jax.tree.leaves(learning_rate):
+    is_none = lambda x: x is None  # noqa: E731 - a None (per-leaf) value is a leaf, so it raises
+    for leaf in jax.tree.leaves(learning_rate, is_leaf=is_none):
         C.check_range("learning_rate", leaf, gt=0.0)
-    for leaf in jax.tree.leaves(momentum):
+    for leaf in jax.tree.leaves(momentum, is_leaf=is_none):
         C.check_range("momentum", leaf, ge=0.0, lt=1.0)
     C.check_range("smoothing_factor", smoothing_factor, gt=0.0, le=1.0)
     C.check_range("noise_scale", noise_scale, ge=0.0)
@@ -248,7 +249,7 @@ def _validate(
             or not 0 < max_momentum < 1:
         raise ValueError(f"Invalid max_momentum: {max_momentum!r}; allowed range is (0, 1).")
     if isinstance(bayesian_prior_std, bool) or not isinstance(bayesian_prior_std, (int, float, np.floating)) \
-            or not bayesian_prior_std >= 0:
+            or not 0 <= bayesian_prior_std < math.inf:
         raise ValueError(f"Invalid bayesian_prior_std: {bayesian_prior_std!r}; allowed range is [0, inf).")
     if isinstance(seed, bool) or not (isinstance(seed, (int, np.integer)) or _integer_scalar_array(seed)):
         raise ValueError(f"Invalid seed: {seed!r}; expected a Python integer (or a 0-d integer array, which may "
