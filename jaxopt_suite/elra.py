@@ -173,11 +173,45 @@ def _acc_dtype(dtype) -> Any:
     return jnp.float32 if jnp.dtype(dtype).itemsize <= 2 else jnp.dtype(dtype)
 
 
+def _pow2_floor(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(s, 1/s)`` with ``s = 2^⌊log₂ x⌋`` (the exponent bits of ``x ≥ 0``, a float32/float64 scalar), capped
+    so that ``1/s`` is a normal number. Both are exact powers of two."""
+    # exponent fields: 2^k is bias + k, so the fields of 2^k and 2^-k sum to 2·bias
+    if x.dtype == jnp.float64:
+        itype, mantissa, top, two_bias = jnp.int64, 52, 2045, 2046
+    else:
+        itype, mantissa, top, two_bias = jnp.int32, 23, 253, 254
+    field = jnp.clip(jax.lax.bitcast_convert_type(x, itype) >> mantissa, 1, top)
+    s = jax.lax.bitcast_convert_type(field << mantissa, x.dtype)
+    inv = jax.lax.bitcast_convert_type((jnp.asarray(two_bias, itype) - field) << mantissa, x.dtype)
+    return s, inv
+
+
+def _leaf_dot(la, lb, cdtype) -> jax.Array:
+    """``Σ la·lb`` of one leaf in the leaf dtype (at least float32), as a ``cdtype`` scalar.
+
+    When that sum is not finite although both leaves are (products beyond the leaf dtype's range, e.g.
+    elements near 1e20 in float32), it is recomputed from the leaves divided by powers of two near their
+    largest magnitudes and multiplied back in ``cdtype``: finite in float64 (x64) for every finite float32
+    input. The recomputation is a conditional taken only then, so finite sums are the plain sums bit for bit.
+    """
+    acc = _acc_dtype(la.dtype)
+    plain = jnp.sum(la * lb, dtype=acc)
+
+    def scaled():
+        sa, ia = _pow2_floor(jnp.max(jnp.abs(la)).astype(acc))
+        sb, ib = (sa, ia) if la is lb else _pow2_floor(jnp.max(jnp.abs(lb)).astype(acc))
+        t = jnp.sum((la.astype(acc) * ia) * (lb.astype(acc) * ib))
+        return (t.astype(cdtype) * sa.astype(cdtype)) * sb.astype(cdtype)
+
+    return jax.lax.cond(jnp.isfinite(plain), lambda: plain.astype(cdtype), scaled)
+
+
 def _tree_dot(a, b, cdtype) -> jax.Array:
-    """Global ⟨a, b⟩: per-leaf sums in the leaf dtype, added in the control dtype."""
+    """Global ⟨a, b⟩: per-leaf sums in the leaf dtype, added in the control dtype (see :func:`_leaf_dot`)."""
     total = jnp.zeros((), cdtype)
     for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        total = total + jnp.sum(la * lb, dtype=_acc_dtype(la.dtype)).astype(cdtype)
+        total = total + _leaf_dot(la, lb, cdtype)
     return total
 
 

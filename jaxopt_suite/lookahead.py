@@ -16,7 +16,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -72,13 +72,14 @@ def _zero_momentum(state: Any, sync: jax.Array) -> Any:
     return state
 
 
-@C.declare_static("inner", "reset")
+@C.declare_static("inner", "reset", "skip_if")
 def lookahead(
     inner: optax.GradientTransformation,
     sync_period: Any = 5,
     slow_step_size: Any = 0.5,
     *,
     reset: str = "none",
+    skip_if: Optional[Callable[[Any, Any], Any]] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wrap ``inner`` with Lookahead; the slow weights are kept in the state.
 
@@ -98,6 +99,11 @@ def lookahead(
         (re-initialise it entirely, like ``optax.lookahead(reset_state=True)``; this also restarts the
         schedules and counts inside it) or ``"momentum"`` (zero the ``momentum_buffer``/``mu`` fields, like
         pytorch_optimizer's ``pullback_momentum="reset"`` for SGD).
+      skip_if: ``None``, or ``skip_if(old_inner_state, new_inner_state) -> bool`` (traced) saying that the
+        inner optimizer skipped this step (e.g. EnhancedSGD on a non-finite gradient or loss). A skipped
+        step is not a fast step: the inner update passes through unchanged, the counter does not advance and
+        no synchronisation happens (the slow weights and the inner state's reset are untouched); the next
+        step that is taken synchronises instead.
 
     ``update`` requires ``params``.
 
@@ -120,6 +126,10 @@ def lookahead(
             raise ValueError("lookahead needs params (the fast weights) in update.")
         fast_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         sync = state.count + 1 >= jnp.asarray(sync_period)
+        skipped = None
+        if skip_if is not None:
+            skipped = jnp.asarray(skip_if(state.inner_state, inner_state), bool)
+            sync = sync & ~skipped
 
         def one(theta, u, phi):
             alpha = jnp.asarray(slow_step_size).astype(C.real_dtype(theta.dtype))
@@ -138,6 +148,8 @@ def lookahead(
         elif reset == "momentum":
             inner_state = _zero_momentum(inner_state, sync)
         count = jnp.where(sync, jnp.zeros_like(state.count), state.count + 1)
+        if skipped is not None:
+            count = jnp.where(skipped, state.count, count)
         return out, LookaheadState(count=count, slow=slow, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

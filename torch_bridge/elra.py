@@ -656,8 +656,24 @@ class ELRA(JaxOptimizer):
         dict.__getitem__(self.state, "elra")["calls"] = torch.tensor(self._calls, dtype=torch.int64)
 
     def state_dict(self):
+        """torch's ``state_dict`` of the current point, as a **snapshot**: nothing in it changes afterwards.
+
+        ``sd = opt.state_dict()`` kept in memory stays the state at the call that made it: every later step
+        and ``state_dict()`` call writes new tensors and new dicts into ``self.state`` (the per-parameter
+        vectors and the scalars under ``'elra'`` are exported from the JAX state each time), and the dicts
+        returned here are copies, so the kept entries never mix two points of training.
+
+        torch's own optimizers return references instead: ``torch.optim.Adam``'s ``state_dict()['state']``
+        holds its live ``exp_avg``/``step`` tensors, which later steps update in place, so a kept torch
+        ``state_dict`` follows training (all of it, consistently; ``copy.deepcopy`` makes a snapshot). ELRA's
+        state lives in JAX and is exported, so a live view is not available; a snapshot is the consistent
+        choice (and what ``torch.save(opt.state_dict(), ...)`` writes in either case).
+        """
         self._sync_state_to_torch()
-        return torch.optim.Optimizer.state_dict(self)
+        sd = torch.optim.Optimizer.state_dict(self)
+        # torch packs self.state's per-parameter dicts themselves; the next export updates those dicts
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        return sd
 
     def _load_spec(self, groups) -> LoadSpec:
         """Per trainable parameter the vector fields of this configuration; ``state['elra']`` the scalars."""

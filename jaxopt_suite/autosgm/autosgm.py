@@ -28,6 +28,13 @@ Dtype rules: elementwise arithmetic runs in the parameter dtype T; the per-tenso
 (α0, W, N, μ, σ², α) are float32 for every T and α is cast to T once; debias factors are computed in float64
 when x64 is on (float32 otherwise). Nothing is reduced across tensors.
 
+float16 (whose exponent range is narrower than float32's; bfloat16 is not affected): a positive ε is raised
+to float16's smallest normal number 2⁻¹⁴ ≈ 6.1e-5 (the defaults 1e-8 and 1e-10 round to 0 there, and zero
+gradients would give 0/0), and the debias factors multiply in float32 before the result is rounded to
+float16 (1/(1 − β^t) exceeds float16's maximum 65504 for β > 0.99998). The moment state itself is float16:
+(1 − β_a)(g + ε)² underflows to 0 for |g| ≲ 8e-3 (β_a = 0.999), where the step becomes α·m/ε, finite but
+larger than α; keep float32 parameters (mixed precision) for float16 training.
+
 Classical optimizers as configurations (checked against ``torch.optim`` in the tests)::
 
     SGD(lr)                       aoptlr=False, beta_i=0
@@ -126,6 +133,25 @@ def _f32(value: Any) -> jax.Array:
 def _in(dtype: Any, value: Any) -> jax.Array:
     """A hyperparameter (Python number: rounded once, as torch rounds a scalar) in ``dtype``."""
     return jnp.asarray(value).astype(dtype) if not isinstance(value, (int, float)) else jnp.asarray(value, dtype)
+
+
+def narrow_range(dtype: Any) -> bool:
+    """Whether ``dtype``'s exponent range is narrower than float32's (float16; not bfloat16, float32/64)."""
+    return bool(jnp.finfo(dtype).minexp > jnp.finfo(jnp.float32).minexp)
+
+
+def _eps_in(dtype: Any, eps: Any) -> jax.Array:
+    """ε in ``dtype``, raised to ``dtype``'s smallest normal number where that range would round it to zero.
+
+    ε bounds the normalised step, |m/d| ≤ |m|/ε. In float16 the defaults (1e-8, 1e-10) round to 0 and the
+    moment (1 − β_a)(g + ε)² underflows to 0 for |g| ≲ 8e-3 (β_a = 0.999): d is then 0 and the step 0/0 or
+    m/0. A positive ε is therefore floored at 2⁻¹⁴ ≈ 6.1e-5 in float16, which keeps |m/d| ≤ |m|·2¹⁴ finite.
+    float32, float64 and bfloat16 represent every ε ≥ 1.2e-38 and are left exactly as they were.
+    """
+    value = _in(dtype, eps)
+    if not narrow_range(dtype):
+        return value
+    return jnp.where(jnp.asarray(eps) > 0, jnp.maximum(value, jnp.asarray(jnp.finfo(dtype).tiny, dtype)), value)
 
 
 @C.declare_static("aoptlr", "num_lrc", "debias", "wd_level", "window", "maximize")
@@ -249,7 +275,7 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
                                           one_minus_gamma=one_minus("gamma_i"))
         m, grad_filter_new = smoothing(grad_filter)
         if aoptlr:
-            eps_t = _in(dtype, eps)
+            eps_t = _eps_in(dtype, eps)
             shifted = g + eps_t
             v_hat, moment = lowpass(moment, shifted * shifted, t, beta_a, 0.0, 0.0, debias=debias,
                                     one_minus_beta=one_minus("beta_a"))
@@ -356,7 +382,7 @@ def _huber(v, mean, var, beta_n, eps, one_minus_bn):
     norm = jnp.sqrt(jnp.sum(v * v))
     mean = (bn32 * mean) + (_in(dtype, one_minus_bn) * norm).astype(jnp.float32)
     centred = v - mean.astype(dtype)
-    delta = jnp.sqrt(jnp.sum(centred * centred)) + _in(dtype, eps)
+    delta = jnp.sqrt(jnp.sum(centred * centred)) + _eps_in(dtype, eps)
     var = (bn32 * var) + (_in(dtype, one_minus_bn) * (delta * delta)).astype(jnp.float32)
     scale = jnp.sqrt(var) + _f32(eps)
     # the clipped magnitude is a per-tensor learning-rate scalar, so it is formed in float32 (as the reference)

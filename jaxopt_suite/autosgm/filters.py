@@ -84,7 +84,8 @@ def lowpass(
       gamma: zero γ (γ < β, 0 = pure pole).
       eta: input gain (0 → 1 − β).
       debias: multiply the output by ((1 − β)/η′)/(1 − β^t) (computed in float64 with x64, else float32,
-        then cast to the input dtype).
+        then cast to the input dtype; for float16 inputs the product is formed in float32 and rounded once,
+        since the factor can exceed float16's range).
       segments: flat layout (per-segment counters are broadcast to elements).
       one_minus_beta: 1 − β when known more precisely than β (a traced float32 β = 0.9999 carries 1 − β
         only to 1.7e-4 relative; the torch bridge passes the complements formed in double on the host).
@@ -110,6 +111,11 @@ def lowpass(
         y = jnp.where(t == 1, q, q / norm)
         new_state = beta_t * q - gamma_t * weighted
     if debias:
-        factor = debias_factor(beta, eta, t, compute_dtype(), one_minus_beta).astype(dtype)
-        y = y * factor
+        factor = debias_factor(beta, eta, t, compute_dtype(), one_minus_beta)
+        if jnp.finfo(dtype).minexp > jnp.finfo(jnp.float32).minexp:
+            # float16: 1/(1 − β^t) passes float16's maximum (65504) for β > 0.99998, and q·inf would be inf
+            # (or NaN for q = 0); the product is formed in float32 and rounded once
+            y = (y.astype(jnp.float32) * factor.astype(jnp.float32)).astype(dtype)
+        else:
+            y = y * factor.astype(dtype)
     return y.astype(dtype), new_state.astype(dtype)

@@ -5,7 +5,9 @@ One step (N gradient elements over all leaves; ``D`` is float64 with x64 enabled
 .. code-block:: text
 
     skip the step (zero update, state unchanged except `skipped`) if any gradient or the loss is not finite
-    v   = Σ (g − mean g)² / (N − 1)                             (all leaves together; 0 if N = 1)
+    (with lookahead, the slow weights and the lookahead counter are unchanged too: no synchronisation)
+    v   = Σ (g − mean g)² / (N − 1)                             (all leaves together; 0 if N = 1;
+                                                                 saturated at ¼ of the leaf dtype's maximum)
     gv  = sf·v + (1 − sf)·gv                                    (smoothed variance)
     gv  = 0.9·gv_prev + 0.1·gv   if |gv − gv_prev| > 0.9        (stabiliser; gv_prev from the last valued step)
     c   = min(max(2·√gv, 0.5), 10)                              (clip level)
@@ -265,6 +267,25 @@ def _validate(
 def _work_dtype(dtype: Any) -> Any:
     """Arithmetic dtype of a leaf: at least float32 (half-precision leaves are rounded once, at the end)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+VARIANCE_SCALE_FROM = 2.0**32
+VARIANCE_CEILING = 0.25  # of the largest finite value of the gradients' dtype
+
+
+def _variance_scale(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(s, 1/s)`` (float32) for the variance pass: ``s = 1`` while ``max(|lo|, |hi|) < 2³²``, else the power of
+    two ``2^⌊log₂ max|g|⌋`` (its exponent bits, at most 2¹²⁶). Both are exact powers of two; ``1`` for
+    non-finite ranges (such a step is skipped anyway)."""
+    top = jnp.maximum(jnp.abs(lo), jnp.abs(hi)).astype(jnp.float32)
+    # the exponent field of max|g| (at most 2^126, so that 2^-k stays a normal number)
+    bits = jnp.minimum(jax.lax.bitcast_convert_type(top, jnp.int32) & jnp.int32(0x7F800000), jnp.int32(253 << 23))
+    power = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    big = (top >= VARIANCE_SCALE_FROM) & jnp.isfinite(top)
+    scale = jnp.where(big, power, jnp.float32(1.0))
+    inverse_bits = jnp.int32(254 << 23) - bits  # 2^-k for 2^k: exponent field 254 − (127 + k) + 127
+    inverse = jnp.where(big, jax.lax.bitcast_convert_type(inverse_bits, jnp.float32), jnp.float32(1.0))
+    return scale, inverse
 
 
 def _per_leaf(value: Any, treedef: Any) -> list:
@@ -567,21 +588,31 @@ def scale_by_enhanced_sgd(
             # Statistics of the raw gradient.
             total = count_n
             grad_mean = sum(s.astype(D) for s in sums) / jnp.maximum(total, 1)
+            lo, hi = E.value_range(leaves, masks, summaries)
+            # The squares are taken of (g − μ)/s with s = 1, or a power of two near max|g| once that reaches
+            # 2³² (where Σ(g − μ)² could pass float32's range: one 1e20 element squares to inf): dividing by a
+            # power of two is exact, so a scaled sum times s² is the unscaled sum bit for bit wherever that
+            # is finite. The variance is then saturated at a quarter of the largest finite value of the leaves'
+            # dtype (the precision it is rounded to): the two averages forming gv below mix values up to that
+            # ceiling and cannot round past the range, so gv, the clip level and the controller stay finite.
+            scale, inv_scale = _variance_scale(lo, hi)
             squares = []
             for g, m in zip(leaves, masks):
                 wd = _work_dtype(g.dtype)
-                sq = jnp.sum(jnp.square(g.astype(wd) - grad_mean.astype(wd)))
+                inv = inv_scale.astype(wd)
+                sq = jnp.sum(jnp.square(g.astype(wd) * inv - grad_mean.astype(wd) * inv))
                 squares.append(sq if m is None else jnp.where(m, sq, 0))
             var = sum(sq.astype(D) for sq in squares) / jnp.maximum(total - 1, 1)
+            var = (var * scale.astype(D)) * scale.astype(D)
             var = jnp.where(total > 1, var, 0)
-            var = var.astype(jnp.result_type(*[g.dtype for g in leaves])).astype(D)
+            rounding = jnp.result_type(*[g.dtype for g in leaves])
+            var = jnp.minimum(var, VARIANCE_CEILING * jnp.finfo(rounding).max).astype(rounding).astype(D)
             sf = jnp.asarray(smoothing_factor).astype(D)
             gv = sf * var + (1 - sf) * state.grad_var
             gv = jnp.where(jnp.abs(gv - state.prev_grad_var) > STABILIZER,
                            state.prev_grad_var * STABILIZER + (1.0 - STABILIZER) * gv, gv)
             clip = jnp.minimum(jnp.maximum(2 * jnp.sqrt(gv), CLIP_MIN), CLIP_MAX)
 
-            lo, hi = E.value_range(leaves, masks, summaries)
             counts = E.histogram_counts(leaves, entropy_bins, lo, hi, masks)
             _, hn = E.entropy_from_counts(counts, total, D)
             hn = jnp.where(hi > lo, hn, 0).astype(D)
@@ -740,6 +771,10 @@ def enhanced_sgd(
     Extra args: ``value`` (the loss; enables the controller and spike handling), ``grad_mask``; forwarded to
     the inner transformation by lookahead.
 
+    A step skipped for a non-finite gradient or loss is skipped by the lookahead as well
+    (``lookahead(..., skip_if=skipped_step)``): zero update, the slow weights and the lookahead counter
+    unchanged, no synchronisation (the next step taken synchronises instead); only ``skipped`` advances.
+
     References:
       Zhang et al., "Lookahead Optimizer: k steps forward, 1 step back", arXiv:1907.08610; see
       :mod:`jaxopt_suite.enhanced_sgd.transform` for the rest.
@@ -762,4 +797,10 @@ def enhanced_sgd(
         return inner
     from ..lookahead import lookahead  # the suite's own lookahead wrapper
 
-    return lookahead(inner, sync_period=lookahead_k, slow_step_size=lookahead_alpha)
+    return lookahead(inner, sync_period=lookahead_k, slow_step_size=lookahead_alpha, skip_if=skipped_step)
+
+
+def skipped_step(old_state: PyTree, new_state: PyTree) -> jax.Array:
+    """Whether the update from ``old_state`` to ``new_state`` was a skipped (non-finite) step: its
+    ``skipped`` counter advanced. Lookahead reads it so that a skipped step does not synchronise."""
+    return find_enhanced_state(new_state).skipped != find_enhanced_state(old_state).skipped

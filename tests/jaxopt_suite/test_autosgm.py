@@ -428,3 +428,62 @@ def test_vmap_over_learning_rate():
 
     out = jax.vmap(one)(jnp.asarray([1e-2, 2e-2]))
     np.testing.assert_allclose(np.asarray(out[1]), 2 * np.asarray(out[0]), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# float16 (issue 15.5): ε rounds to 0 there and the moment underflows
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_float16(tx, grad, steps=3):
+    params = {"w": jnp.linspace(-1, 1, 6, dtype=jnp.float16)}
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    start = params
+    for _ in range(steps):
+        updates, state = step({"w": jnp.full(6, grad, jnp.float16)}, state, params)
+        params = optax.apply_updates(params, updates)
+    return np.asarray(start["w"], np.float32), np.asarray(params["w"], np.float32)
+
+
+@pytest.mark.parametrize("name", ["autosgm_adam", "autosgm_parcor"])
+def test_float16_zero_gradients_keep_parameters(name):
+    # ε = 1e-8 / 1e-10 is 0 in float16: the step was 0/0 (NaN parameters after the first step)
+    from jaxopt_suite import registry
+
+    start, end = _run_float16(registry.get(name).build(learning_rate=1e-2), 0.0)
+    np.testing.assert_array_equal(end, start)
+
+
+@pytest.mark.parametrize("name", ["autosgm_adam", "autosgm_parcor"])
+def test_float16_small_gradients_stay_finite(name):
+    # g = 1e-3: (1 − β_a)·g² = 1e-9 underflows to 0 in float16, so d = ε (was 0: m/0 = −inf parameters).
+    # With ε raised to 2⁻¹⁴ each step is at most α·|m|/ε ≤ (α0·κ)·|g|·2¹⁴ with κ = 1 + EMA(w²) ≤ 2 (the
+    # parcor trust region; α = α0 for num_lrc 0), i.e. ≤ 0.33 for α0 = 1e-2, plus float16 rounding (2⁻¹¹).
+    from jaxopt_suite import registry
+
+    start, end = _run_float16(registry.get(name).build(learning_rate=1e-2), 1e-3)
+    assert np.all(np.isfinite(end))
+    assert np.max(np.abs(end - start)) <= 3 * (2 * 1e-2 * 1e-3 * 2**14) * (1 + 2**-10)
+    assert np.all(end <= start)  # a positive gradient moves every parameter down (or leaves it)
+
+
+def test_float16_debias_factor_beyond_float16_range():
+    # β_a = 0.99999: 1/(1 − β_a) = 1e5 > 65504 was inf in float16 and q·inf gave NaN or inf
+    tx = autosgm(1e-2, beta_a=0.99999, eps=1e-8)
+    start, end = _run_float16(tx, 1e-2)
+    assert np.all(np.isfinite(end)) and np.all(end < start)
+    _, still = _run_float16(tx, 0.0)
+    np.testing.assert_array_equal(still, start)
+
+
+def test_float16_eps_floor_leaves_other_dtypes_alone():
+    from jaxopt_suite.autosgm.autosgm import _eps_in
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        assert _eps_in(dtype, 1e-10) == jnp.asarray(1e-10, dtype)
+    assert _eps_in(jnp.float16, 1e-10) == jnp.finfo(jnp.float16).tiny
+    assert _eps_in(jnp.float16, 1e-3) == jnp.asarray(1e-3, jnp.float16)
+    assert _eps_in(jnp.float16, 0.0) == 0  # ε = 0 (the exact Adam reduction) stays 0
+    with jax.enable_x64(True):
+        assert _eps_in(jnp.float64, 1e-10) == 1e-10

@@ -516,3 +516,41 @@ def test_scale_by_elra_is_elra():
     a = elra(1e-3).update(p, elra(1e-3).init(p), p, value=1.0)[0]
     b = scale_by_elra(1e-3).update(p, scale_by_elra(1e-3).init(p), p, value=1.0)[0]
     np.testing.assert_array_equal(np.asarray(a["a"]), np.asarray(b["a"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# global reductions beyond float32's range (issue 15.5)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_math_mode_with_parameters_near_1e30_keeps_unit_tensors_finite(x64):
+    # The loss 0.5·‖x_big‖² (formed in float64) has gradient x_big ≈ 1e30: its float32 sum of squares was inf,
+    # so S = inf/inf turned α and with it every parameter NaN, the unit-scale tensor included.
+    params = {"big": jnp.asarray([1e30, -2e30, 3e30], jnp.float32),
+              "unit": jnp.asarray([0.5, -0.3, 0.2, 1.0], jnp.float32)}
+
+    def loss(p):
+        return (0.5 * jnp.sum(jnp.square(p["big"].astype(jnp.float64)))
+                + jnp.sum(jnp.square(p["unit"].astype(jnp.float64) - 1.0)))
+
+    tx = registry.get("elra_math").build(learning_rate=1e-3)
+    p, s, (values, retraced, moved) = run_scan(loss, params, tx, 30)
+    assert np.all(np.isfinite(np.asarray(p["unit"]))) and np.all(np.isfinite(np.asarray(p["big"])))
+    assert np.isfinite(float(s.alpha)) and np.isfinite(float(s.norm_g_old))
+    assert np.all(np.isfinite(np.asarray(values))) and float(values[-1]) < 1e-6 * float(values[0])
+
+
+def test_overflowing_reduction_is_the_exactly_scaled_plain_one(x64):
+    # First call: norm_g_old = ‖g‖. Gradients times 2⁶⁰ overflow the float32 sum of squares and take the
+    # scaled pass, which is exact: the norm is 2⁶⁰ times the plain one, bit for bit.
+    params = {"a": jnp.linspace(-1.0, 2.0, 7, dtype=jnp.float32), "b": jnp.full((3, 2), 0.25, jnp.float32)}
+    g = {"a": jnp.linspace(0.5, -3.0, 7, dtype=jnp.float32), "b": jnp.full((3, 2), 1.5, jnp.float32)}
+    tx = elra(1e-3)
+    _, plain = tx.update(g, tx.init(params), params, value=1.0)
+    _, big = tx.update(jax.tree.map(lambda v: v * 2.0**60, g), tx.init(params), params, value=1.0)
+    assert float(big.norm_g_old) == float(plain.norm_g_old) * 2.0**60
+    # weight decay's ‖x‖ with parameters near 1e30 (the coefficient was 0.005/inf = 0: no decay)
+    from jaxopt_suite.elra import _tree_norm
+
+    x = {"a": jnp.asarray([1e30, -2e30], jnp.float32), "b": jnp.ones((2,), jnp.float32)}
+    assert float(_tree_norm(x, jnp.float64)) == pytest.approx(math.sqrt(5e60 + 2), rel=1e-7)

@@ -460,6 +460,84 @@ def test_non_finite_step_is_skipped(where):
     jax.tree.map(np.testing.assert_array_equal, same, state)
 
 
+@needs_lookahead
+@pytest.mark.parametrize("where", ["grad", "value"])
+def test_non_finite_sync_step_is_skipped_by_lookahead(where):
+    # issue 15.5: the inner step was skipped but lookahead still synchronised (params and slow weights moved)
+    from jaxopt_suite.lookahead import LookaheadState
+
+    params, x, y = readme_problem(0)
+    opt = enhanced_sgd(lookahead_k=3, seed=1)
+    step = jax.jit(lambda g, s, p, v: opt.update(g, s, p, value=v))
+    state = opt.init(params)
+    for i in range(2):
+        f, g = jax.value_and_grad(mlp_loss)(params, *batch(x, y, i))
+        u, state = step(g, state, params, f)
+        params = optax.apply_updates(params, u)
+    assert int(state.count) == 2  # the next step is a synchronisation
+    f, g = jax.value_and_grad(mlp_loss)(params, *batch(x, y, 2))
+    if where == "grad":
+        bad, value = jax.tree.map(lambda v: v.at[(0,) * v.ndim].set(jnp.nan), g), f
+    else:
+        bad, value = g, jnp.float32(jnp.nan)
+    u, skipped = step(bad, state, params, value)
+    jax.tree.map(lambda leaf: np.testing.assert_array_equal(leaf, 0), u)
+    assert isinstance(skipped, LookaheadState) and int(skipped.count) == 2
+    jax.tree.map(np.testing.assert_array_equal, skipped.slow, state.slow)
+    assert int(skipped.inner_state.skipped) == 1
+    same = skipped.inner_state._replace(skipped=state.inner_state.skipped)
+    jax.tree.map(np.testing.assert_array_equal, same, state.inner_state)
+    # the next finite step is the synchronisation: fast == slow afterwards
+    u, synced = step(g, skipped, params, f)
+    params = optax.apply_updates(params, u)
+    assert int(synced.count) == 0
+    jax.tree.map(np.testing.assert_array_equal, params, synced.slow)
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["f32_control", "f64_control"])
+def test_huge_gradient_element_keeps_statistics_finite(x64):
+    # issue 15.5: one 1e20 element squared to inf in float32: grad_var inf, then the Q-table NaN for good
+    with jax.enable_x64(x64):
+        params, x, y = readme_problem(0)
+        opt = enhanced_sgd(seed=2)
+        step = jax.jit(lambda g, s, p, v: opt.update(g, s, p, value=v))
+        state = opt.init(params)
+        for i in range(20):
+            f, g = jax.value_and_grad(mlp_loss)(params, *batch(x, y, i))
+            if i == 2:
+                g = {**g, "w1": g["w1"].at[3, 4].set(1e20)}
+            u, state = step(g, state, params, f)
+            params = optax.apply_updates(params, u)
+            inner = state.inner_state
+            assert np.isfinite(float(inner.grad_var)) and np.isfinite(float(inner.prev_grad_var)), i
+            assert np.all(np.isfinite(np.asarray(inner.q_table))), i
+            assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(params)), i
+        # saturated: the variance is held at float32's maximum (the leaves' dtype), not inf
+        assert int(inner.skipped) == 0
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["f32_control", "f64_control"])
+def test_scaled_variance_is_exact(x64):
+    # gradients ≥ 2³² take the scaled variance pass: multiplying every gradient by 2⁴⁰ multiplies the variance
+    # (hence gv after one step, here 0.1·v + 0.9·0) by exactly 2⁸⁰; below 2³² the pass is the plain one
+    with jax.enable_x64(x64):
+        params, x, y = readme_problem(0)
+        g = jax.grad(mlp_loss)(params, x[:64], y[:64])
+        # large enough that both runs take the stabiliser's branch (gv after it > 0.9 implies that branch)
+        g = jax.tree.map(lambda v: 100.0 * v, g)
+        opt = scale_by_enhanced_sgd(apply_noise=False)
+        state = opt.init(params)
+        _, small = opt.update(g, state, params, value=jnp.float32(1.0))
+        _, large = opt.update(jax.tree.map(lambda v: v * 2.0**40, g), state, params, value=jnp.float32(1.0))
+        assert float(small.grad_var) > 0.9
+        assert float(large.grad_var) == float(small.grad_var) * 2.0**80
+    assert T._variance_scale(jnp.float32(-3.0), jnp.float32(2.0**31)) == (1.0, 1.0)  # below 2³²: plain
+    scale, inverse = T._variance_scale(jnp.float32(-1e20), jnp.float32(5.0))
+    assert float(scale) == 2.0**66 and float(inverse) == 2.0**-66
+    scale, inverse = T._variance_scale(jnp.float32(0.0), jnp.float32(3e38))
+    assert float(scale) == 2.0**126 and float(inverse) == 2.0**-126
+
+
 def test_grad_mask_freezes_masked_leaves():
     params, x, y = readme_problem(0)
     opt = scale_by_enhanced_sgd()

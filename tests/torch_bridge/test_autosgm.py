@@ -197,3 +197,22 @@ def test_extra_eps_entries_warn():
     net = S.model(torch.float32)
     with pytest.warns(UserWarning, match="eps_cfg"):
         AutoSGM(net.parameters(), eps_cfg=(1e-10, True))
+
+
+@pytest.mark.parametrize("cfg", [dict(lr_cfg=(True, 1e-2, 0), eps_cfg=(1e-8,)),
+                                 dict(lr_cfg=(True, 1e-2, 1), beta_cfg=(0.9999, 0.999, 0.9, 0.5528, 0, True))],
+                         ids=["adam_like", "parcor"])
+def test_float16_zero_and_small_gradients(cfg):
+    # issue 15.5: ε rounded to 0 in float16 made zero gradients NaN and 1e-3 gradients −inf
+    for grad in (0.0, 1e-3):
+        w = torch.nn.Parameter(torch.linspace(-1, 1, 6, dtype=torch.float16))
+        start = w.detach().clone()
+        opt = AutoSGM([w], **cfg)
+        for _ in range(3):
+            w.grad = torch.full((6,), grad, dtype=torch.float16)
+            opt.step()
+        assert torch.isfinite(w).all()
+        if grad == 0.0:
+            assert torch.equal(w.detach(), start)
+        else:  # bound as in tests/jaxopt_suite/test_autosgm.py::test_float16_small_gradients_stay_finite
+            assert (w.detach().float() - start.float()).abs().max() <= 3 * (2 * 1e-2 * 1e-3 * 2**14) * (1 + 2**-10)

@@ -377,6 +377,44 @@ def test_state_dict_resume_is_bit_identical():
             ref.load_state_dict(ref.state_dict())
 
 
+def test_kept_state_dict_is_a_snapshot():
+    # issue 15.5: a later state_dict() rewrote the kept per-parameter entries in place while the scalars under
+    # 'elra' stayed old, so the kept dict mixed two points of training
+    import copy
+
+    model, loss_fn = sine_setup()
+    opt = ELRA(model.parameters(), lr=1e-5)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss)
+    kept = opt.state_dict()
+    frozen = copy.deepcopy(kept)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss)
+    later = opt.state_dict()
+    assert not torch.equal(later["state"][0]["g_old"], frozen["state"][0]["g_old"])  # training moved on
+    for key, entry in frozen["state"].items():
+        assert set(kept["state"][key]) == set(entry)
+        for name, value in entry.items():
+            # equal_nan: the unset train/valid losses are NaN
+            torch.testing.assert_close(kept["state"][key][name], value, rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{key} {name}")
+    # the kept snapshot loads as the state it was taken at
+    model_b, _ = sine_setup()
+    opt_b = ELRA(model_b.parameters(), lr=1e-5)
+    opt_b.load_state_dict(kept)
+    reloaded = opt_b.state_dict()
+    for key, entry in frozen["state"].items():
+        for name, value in entry.items():
+            torch.testing.assert_close(reloaded["state"][key][name], value, rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{key} {name}")
+
+
 def test_nan_gradient_is_a_retrace_in_the_bridge():
     model, loss_fn = sine_setup()
     opt = ELRA(model.parameters(), lr=1e-6)

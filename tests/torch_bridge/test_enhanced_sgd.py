@@ -319,3 +319,30 @@ def test_unsupported_and_invalid_arguments():
         EnhancedSGD(readme_model(0).parameters(), lr_scale_bounds=(2.0, 3.0))
     # accepted and ignored, as in the reference
     EnhancedSGD(readme_model(0).parameters(), model=None, decay=0.5, usage_case="CV", max_steps=10)
+
+
+def test_non_finite_sync_step_keeps_params_and_slow_weights():
+    # issue 15.5: a NaN gradient on a lookahead synchronisation step moved the parameters and slow weights
+    model = readme_model(1)
+    x, y = readme_data(1)
+    opt = EnhancedSGD(model.parameters(), lr=0.02, lookahead_k=3, seed=4)
+    run_torch(model, opt, x, y, 2, mode="value")
+    before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+    loss.backward()
+    next(model.parameters()).grad[0, 0] = float("nan")
+    opt.step(value=loss)
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p.detach(), q)
+    after = opt.state_dict()
+    for i in range(len(params)):
+        for key in ("slow", "momentum_buffer", "retained"):
+            torch.testing.assert_close(after["state"][i][key], before["state"][i][key], rtol=0, atol=0,
+                                       msg=f"{i} {key}")
+    ctrl_a, ctrl_b = after["state"]["controller"], before["state"]["controller"]
+    assert int(ctrl_a["skipped"]) == int(ctrl_b["skipped"]) + 1
+    for key in ctrl_b:
+        if key != "skipped":
+            torch.testing.assert_close(ctrl_a[key], ctrl_b[key], rtol=0, atol=0, equal_nan=True, msg=key)
