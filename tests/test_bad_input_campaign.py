@@ -28,7 +28,13 @@ POLICY decisions (accepted behaviour that is documented, each checked rather tha
   parameters unchanged.
 * ``load_state_dict``: a ``UserWarning`` where torch.optim accepts silently (SGD's missing
   ``momentum_buffer``: "not started"), documented in torch_bridge/optimizer.py; float64 state for float32
-  parameters is cast as torch casts it (not drawn here: it is valid, see test_load_state_dict_validation).
+  parameters is cast as torch casts it (not drawn here: it is valid, see test_load_state_dict_validation);
+  integer (int32) state for a float parameter is cast the same way by torch.optim, so it is POLICY when the
+  run equals the one from the state cast by hand. A complex tensor for a real parameter, a list instead of a
+  tensor, and every other corruption must raise (or, where torch accepts, warn).
+* torch.optim's implementation flags (``foreach``, ``fused``, ``differentiable``, ``capturable``): torch's
+  own error type for them is ``RuntimeError`` (e.g. "`fused` is not currently supported"), so a
+  ``RuntimeError`` naming the flag counts as CLEAR there, and only there.
 * Compatibility arguments documented as accepted and ignored (``ELRA``'s ``mode``/``dummy``,
   ``EnhancedSGD``'s ``decay``/``usage_case``/``max_steps``; their class docstrings): POLICY when the run
   with a bad value is bit-identical to the default run.
@@ -36,7 +42,8 @@ POLICY decisions (accepted behaviour that is documented, each checked rather tha
   buffer; torch's ``foreach``/``fused``: torch decides; ``seed=None``); ``+inf`` for ASGD's ``t0`` (never
   start averaging) and the GradScaler's ``loss_limit``; negative values for arguments without a documented
   lower bound (ASGD's ``alpha``, AutoSGM's ``gamma_i``/``eta_i``, EnhancedSGD's
-  ``loss_correction_factor``, ``centering_axis``).
+  ``loss_correction_factor``, ``centering_axis``); a non-integral ELRA ``warmup`` (a traced hyperparameter
+  compared with the step count, so 2.5 has a meaning).
 
 The non-finite cases of the generic ``JaxOptimizer`` for every entry (one compiled step each) are
 ``@pytest.mark.slow``; its hyperparameter and state-dict cases run by default.
