@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import math
 import re
 import sys
 import time
@@ -47,7 +46,7 @@ import torch
 
 import torch_bridge as tb
 from jaxopt_suite import registry
-from jaxopt_suite._common import factory_signature, static_args_of
+from jaxopt_suite._common import factory_signature
 
 CLEAR, POLICY, SILENT, LATE, UNCOVERED = "clear", "policy", "silent", "late", "uncovered"
 CATEGORIES = (CLEAR, POLICY, SILENT, LATE, UNCOVERED)
@@ -835,7 +834,8 @@ def run_state_case(name, case, bad, names) -> Outcome:
         if all(torch.equal(a, b) for a, b in zip(params, ref)):
             return out(POLICY, "cast to the parameter dtype as torch.optim casts it; identical to the cast state")
         return out(SILENT, "integer state accepted and not cast as torch casts it")
-    return out(SILENT, f"accepted without error or warning; params {'finite' if torch_finite(params) else 'NON-FINITE'}")
+    finite = "finite" if torch_finite(params) else "NON-FINITE"
+    return out(SILENT, f"accepted without error or warning; params {finite}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from hypothesis import strategies as st
 
 import torch_bridge as tb
 from jaxopt_suite import registry
-from jaxopt_suite._common import factory_signature
+from jaxopt_suite._common import factory_signature, static_args_of
 from tests import campaign as C
 
 GROUPS = {
@@ -118,6 +118,10 @@ def test_campaign_covers_every_entry_and_class():
     """Every registry entry and every class of ``torch_bridge.__all__`` is a campaign target (no gaps)."""
     jax_targets = {c[0] for c in [(e.name,) for e in registry.entries() if list(C.jax_hyper_cases(e))]}
     assert jax_targets == set(registry.names())
+    for e in registry.entries():  # every traced hyperparameter and every static number/flag/choice is drawn
+        drawn = {arg for arg, _, _ in C.jax_hyper_cases(e)}
+        static = set(static_args_of(e.factory)) - C.SKIP_JAX_ARGS - {"clip_value_fn"}
+        assert set(e.hyperparams) | static <= drawn, (e.name, (set(e.hyperparams) | static) - drawn)
     torch_targets = {case[0] for case in C.torch_hyper_cases()}
     classes = {n for n in tb.__all__ if inspect.isclass(getattr(tb, n))}
     assert classes - {"JaxOptimizer"} <= torch_targets, classes - torch_targets
