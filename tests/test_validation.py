@@ -289,7 +289,7 @@ def test_elra_classes_must_be_an_int():
         with pytest.raises(TypeError, match="classes"):
             tb.ELRA(params(), classes=2.5)  # was DNN mode
         assert tb.ELRA(params(), classes=np.int64(10))._entry_name == "elra_dnn"
-        assert tb.ELRA(params(), momentum=0)._cfg[3] == ("momentum", None)  # falsy: no momentum, as the package
+        assert tb.ELRA(params(), momentum=0)._kwargs["momentum"] is None  # falsy: no momentum, as the package
 
 
 def test_lookahead_alpha_zero_rejected():
