@@ -28,7 +28,7 @@ class ASGD(JaxOptimizer):
 
     def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None,
                  maximize=False, differentiable=False, capturable=False, *, momentum=0.0, flat=True,
-                 write_back="copy"):
+                 write_back="copy", nonfinite="propagate"):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -42,7 +42,7 @@ class ASGD(JaxOptimizer):
                         maximize=maximize, differentiable=differentiable, capturable=capturable,
                         momentum=momentum)
         super().__init__(params, registry_or("asgd", jaxopt_suite.asgd), defaults=defaults, flat=flat,
-                         write_back=write_back)
+                         write_back=write_back, nonfinite=nonfinite)
 
     _persistent_attrs = ("scalar_dtype",)
 
