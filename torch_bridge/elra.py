@@ -233,6 +233,12 @@ class ELRA(JaxOptimizer):
         opt.set_train_loss(train_loss); opt.set_valid_loss(valid_loss)   # dynamic weight decay
 
     ``step_retrace(loss)`` undoes the last step without a gradient (e.g. when the loss exploded).
+
+    ``nonfinite`` (keyword-only, for all groups): ``"propagate"`` (default) is ELRA's own rule, a non-finite
+    loss or gradient is a retrace. ``"skip"``: such a call leaves the parameters and the whole state (α, the
+    statistics, the booster, ``state['elra']['calls']``) bit-identical and adds 1 to the group key
+    ``nonfinite_skips``, decided on the device; with ``force_retrace`` only the loss is checked. ``"raise"``:
+    ``FloatingPointError`` naming the loss or the parameter before anything is modified.
     """
 
     entry_name = None

@@ -121,6 +121,12 @@ class EnhancedSGD(JaxOptimizer):
     Positional arguments follow the reference implementation's order and defaults; options it did not have
     are keyword-only. ``layer_type_scaling`` and ``grad_cam_scaling`` were never implemented there and raise
     ``NotImplementedError``. ``seed=None`` draws the seed once from torch's global generator.
+
+    ``nonfinite`` (keyword-only, global): ``"propagate"`` (default) is EnhancedSGD's own handling (the inner
+    step is skipped, Lookahead still counts it). ``"skip"``: :func:`jaxopt_suite.skip_nonfinite` around the
+    whole step, so a non-finite gradient or loss leaves parameters and state (controller, PRNG key, Lookahead)
+    bit-identical and adds 1 to the group key ``nonfinite_skips``. ``"raise"``: ``FloatingPointError`` naming
+    the loss or the parameter before anything is modified.
     """
 
     entry_name = "enhanced_sgd"
