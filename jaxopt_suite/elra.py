@@ -775,11 +775,12 @@ def elra(
         the clipped lr, collects gradients). Use the number of classes for classifiers.
       batch_size: static; the caller's batch size (sizes the statistics window).
       segments: flat layout of the torch bridge (only global reductions are used, so it changes nothing).
-      nonfinite: ``"propagate"`` (default): ELRA's own rule, a non-finite loss or gradient is a retrace (the
-        state moves: α shrinks, retrace counters advance; an ignored first call counts in ``skipped``).
-        ``"skip"``: such a call changes nothing, α and the statistics included, and counts in
-        ``SkipNonFiniteState.skips`` (the loss is checked too). ``"raise"``: ``FloatingPointError`` naming the
-        leaf or the loss (see :mod:`jaxopt_suite.nonfinite`).
+
+    The keyword-only option ``nonfinite`` (added by :func:`jaxopt_suite.nonfinite.nonfinite_option`):
+    ``"propagate"`` (default) is ELRA's own rule, a non-finite loss or gradient is a retrace (the state moves:
+    α shrinks, retrace counters advance; an ignored first call counts in ``skipped``). ``"skip"``: such a call
+    changes nothing, α and the statistics included, and counts in ``SkipNonFiniteState.skips`` (the loss is
+    checked too). ``"raise"``: ``FloatingPointError`` naming the leaf or the loss.
 
     Extra args of ``update``: ``value`` (required), ``force_retrace``, ``train_loss``, ``valid_loss``,
     ``grad_mask``; others are ignored.

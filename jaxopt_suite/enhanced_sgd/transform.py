@@ -728,11 +728,12 @@ def enhanced_sgd(
     Args:
       lookahead_alpha: slow step size ``α ∈ (0, 1]`` (weight of the fast weights at a sync).
       lookahead_k: sync period ``k ≥ 0``; 0 disables lookahead (the result is the inner transformation).
-      nonfinite: ``"propagate"`` (default): EnhancedSGD's own handling, the inner step is skipped (zero update,
-        ``skipped`` advances) when a gradient or the loss is not finite, while the surrounding lookahead still
-        counts the step. ``"skip"``: the whole optimizer, lookahead included, is left bit-identical and the
-        step counts in ``SkipNonFiniteState.skips``. ``"raise"``: ``FloatingPointError`` naming the leaf or the
-        loss. See :mod:`jaxopt_suite.nonfinite`.
+
+    The keyword-only option ``nonfinite`` (added by :func:`jaxopt_suite.nonfinite.nonfinite_option`):
+    ``"propagate"`` (default) is EnhancedSGD's own handling, the inner step is skipped (zero update,
+    ``skipped`` advances) when a gradient or the loss is not finite, while the surrounding lookahead still
+    counts the step. ``"skip"``: the whole optimizer, lookahead included, is left bit-identical and the step
+    counts in ``SkipNonFiniteState.skips``. ``"raise"``: ``FloatingPointError`` naming the leaf or the loss.
 
     Extra args: ``value`` (the loss; enables the controller and spike handling), ``grad_mask``; forwarded to
     the inner transformation by lookahead.
