@@ -675,19 +675,65 @@ def _elra_core(grads, state: ElraState, params, value, *, dnn, classes, batch_si
     return x_new, ElraState(**new)
 
 
-def _config(learning_rate, weight_decay, warmup, momentum, classes, batch_size, segments, params):
-    dnn = classes >= 2
+def _numeric_config(weight_decay, warmup, momentum) -> dict:
+    """The numbers the step reads: ``wd0`` (mapped weight decay), ``wf`` (1/warmup) and ``beta``.
+
+    Python numbers are mapped on the host in double; arrays (traced hyperparameters) on the device.
+    """
     if isinstance(warmup, (int, float, np.floating, np.integer)) and not isinstance(warmup, bool):
         wf = 1.0 if warmup <= 1 else 1.0 / float(warmup)
     else:
         w = jnp.asarray(warmup)
         wf = jnp.where(w <= 1, 1.0, 1.0 / jnp.where(w <= 1, 1.0, w))
+    return dict(beta=momentum, wd0=_wd0(weight_decay), wf=wf)
+
+
+def _static_config(classes, batch_size, segments, params) -> dict:
+    """The structural part of the step's configuration (mode, batch size, the ResNet-50 special case)."""
+    dnn = classes >= 2
     if segments is not None:
         dim = sum(segments.numels)
     else:
         dim = sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(params))
-    return dict(dnn=dnn, classes=classes, batch_size=batch_size, beta=momentum, wd0=_wd0(weight_decay), wf=wf,
-                special=dnn and dim == _RESNET50_DIM)
+    return dict(dnn=dnn, classes=classes, batch_size=batch_size, special=dnn and dim == _RESNET50_DIM)
+
+
+def _config(learning_rate, weight_decay, warmup, momentum, classes, batch_size, segments, params):
+    # learning_rate is read by init only: the step does not depend on it
+    del learning_rate
+    return {**_static_config(classes, batch_size, segments, params),
+            **_numeric_config(weight_decay, warmup, momentum)}
+
+
+def elra_step_numeric(grads, state: ElraState, params, *, value, numeric, classes: int = 0, batch_size: int = 8,
+                      force_retrace: Any = False, train_loss: Any = None, valid_loss: Any = None,
+                      grad_mask: Any = None, segments: Optional[C.FlatLayout] = None):
+    """:func:`elra_step` with the numeric configuration given as ``numeric = elra_numeric(...)``.
+
+    ``numeric``'s entries may be arrays (traced arguments of a jitted step): one compiled step then serves
+    every weight decay, warmup and momentum value (``learning_rate`` is read by ``init`` only). Built from
+    the same Python numbers, the result is bit-identical to :func:`elra_step`.
+    """
+    if (classes >= 2) != (state.coll_grad is not None):
+        raise ValueError(f"classes={classes} does not match the state's mode.")
+    if (numeric["beta"] is not None) != (state.mom is not None):
+        raise ValueError("momentum does not match the state (None vs a number).")
+    cfg = {**_static_config(int(classes), int(batch_size), segments, params), **numeric}
+    return _elra_core(grads, state, params, value, force_retrace=force_retrace, train_loss=train_loss,
+                      valid_loss=valid_loss, grad_mask=grad_mask, segments=segments, **cfg)
+
+
+def elra_numeric(weight_decay: Any = 0.0, warmup: Any = 1, momentum: Any = None, *, dtype: Any = None) -> dict:
+    """The numbers an ELRA step reads, mapped on the host in double as the factory maps Python numbers.
+
+    Returns ``{"wd0", "wf", "beta"}`` (``beta`` None without momentum) as 0-d arrays of ``dtype`` (default:
+    the control dtype), for :func:`elra_step_numeric`: passing them as arguments of a jitted step keeps the
+    values out of the compiled code (no recompile per value) with the results of the constants.
+    """
+    _validate(1.0, weight_decay, warmup, momentum, 0, 1)
+    dtype = control_dtype() if dtype is None else dtype
+    num = _numeric_config(float(weight_decay), warmup, None if momentum is None else float(momentum))
+    return {k: None if v is None else jnp.asarray(v, dtype) for k, v in num.items()}
 
 
 @C.declare_static("classes", "batch_size", "segments", init_only=("learning_rate",))

@@ -19,9 +19,9 @@ from .autosgm import AutoSGM
 from .elra import ELRA, ElraGradScaler, ElraOptimizer
 from .enhanced_sgd import EnhancedSGD
 from .lookahead import Lookahead, TorchLookahead
-from .optimizer import JaxOptimizer, compiled_step_cache_size
+from .optimizer import JaxOptimizer, compiled_init_cache_size, compiled_step_cache_size
 from .sgd import SGD
 
 __all__ = ["JaxOptimizer", "SGD", "Adam", "AdamW", "ADOPT", "ASGD", "AutoSGM", "ELRA", "ElraOptimizer",
            "ElraGradScaler", "EnhancedSGD", "Lookahead", "TorchLookahead",
-           "compiled_step_cache_size"]
+           "compiled_init_cache_size", "compiled_step_cache_size"]

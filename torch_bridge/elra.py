@@ -8,8 +8,12 @@ steps of :class:`~torch_bridge.optimizer.JaxOptimizer`. Execution:
 * the trainable parameters (``requires_grad``) of each dtype are packed into one flat torch buffer (the
   bridge's flat buffers: ``p.data`` and ``p.grad`` become views, JAX reads both by DLPack without copies);
   tensors that cannot be packed (views, overlaps, non-contiguous) use per-tensor DLPack imports;
-* one jitted :func:`jaxopt_suite.elra_step` per call returns the new parameters, written back with one
-  ``copy_`` per buffer; the loss crosses as a Python float or a 0-d tensor by DLPack: no ``.item()``;
+* one jitted ELRA step (:func:`jaxopt_suite.elra.elra_step_numeric`) per call returns the new parameters,
+  written back with one ``copy_`` per buffer; the loss crosses as a Python float or a 0-d tensor by DLPack:
+  no ``.item()``;
+* the compiled step and init are shared by every instance with the same structure (``classes``,
+  ``batch_size``, momentum on/off, parameter shapes): ``lr``, ``weight_decay``, ``warmup`` and the momentum
+  value are traced arguments, never compile-time constants;
 * a parameter whose ``.grad`` is None takes part with a zero gradient (it still counts in ‖x‖, weight
   decay and retraces).
 
@@ -48,10 +52,12 @@ from jaxopt_suite.elra import (
     elra_boost_result,
     elra_boost_update,
     elra_next_call_is_real_step,
-    elra_step,
+    elra_numeric,
+    elra_step_numeric,
 )
 
 from . import dlpack
+from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _FlatBuffer, _flat_candidate, _exclude_overlaps,
                         _NeedsRebuild, jax_shapes, raise_if_nonfinite)
 
@@ -67,15 +73,18 @@ _VECTOR_FIELDS = ("g_old", "x_lastgood", "coll_grad", "mom")
 # ``spare`` (unused on purpose) holds the dead vector buffers of the previous call: donated, they receive
 # this call's new parameters and vector state. The state itself is read-only here, so XLA needs no copy to
 # protect values that are still read while outputs are written (donating the state made it copy buffers).
+# Static ``cfg``: only the structure (classes, batch_size); the numbers (weight decay, warmup, momentum) are
+# traced ``numeric`` arrays and the learning rate is read by the init only, so instances that differ in
+# them share one compiled step. ``skip``: nonfinite="skip" (``skips`` is its counter).
 @functools.partial(jax.jit, static_argnames=("cfg", "skip"), donate_argnums=(10,), keep_unused=True)
 def _bridge_step(grads, state, params, value, force, train_loss, valid_loss, scale, changed, boost, spare,
-                 skips=None, *, cfg, skip=False):
+                 numeric, skips=None, *, cfg, skip=False):
     del spare
     kw = dict(cfg)
     if scale is not None:
         grads = [g * scale.astype(g.dtype) for g in grads]
-    x_new, new = elra_step(grads, state, params, value=value, force_retrace=force, train_loss=train_loss,
-                           valid_loss=valid_loss, **kw)
+    x_new, new = elra_step_numeric(grads, state, params, value=value, numeric=numeric, force_retrace=force,
+                                   train_loss=train_loss, valid_loss=valid_loss, **kw)
     new_changed = changed | new.last_moved
     if boost is not None:
         new_boost = elra_boost_update(boost, x_new, value=value, moved=new.last_moved, retraced=new.last_retrace)
@@ -93,10 +102,18 @@ def _bridge_step(grads, state, params, value, force, train_loss, valid_loss, sca
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _bridge_init(params, *, cfg):
+def _bridge_init(params, learning_rate, wd0, *, cfg):
+    """The fresh state; ``learning_rate`` (the initial alpha) and ``wd0`` (the mapped weight decay) traced.
+
+    The init reads no other number: warmup is unused and momentum only matters as None or not (``cfg``).
+    """
     kw = dict(cfg)
-    return elra(kw["learning_rate"], kw["weight_decay"], kw["warmup"], kw["momentum"], classes=kw["classes"],
+    return elra(learning_rate, wd0, 1, 0.0 if kw["momentum_on"] else None, classes=kw["classes"],
                 batch_size=kw["batch_size"]).init(params)
+
+
+_optimizer._STEP_FUNCTIONS.append(_bridge_step)
+_optimizer._INIT_FUNCTIONS.append(_bridge_init)
 
 
 class _SimpleLeaves:
@@ -250,8 +267,11 @@ class ELRA(JaxOptimizer):
         momentum = float(momentum) if momentum else None
         # the JAX factory validates (ValueError naming the argument)
         elra(lr, weight_decay, warmup, momentum, classes=int(classes), batch_size=int(batch_size))
-        self._cfg = (("learning_rate", float(lr)), ("weight_decay", float(weight_decay)), ("warmup", warmup),
-                     ("momentum", momentum), ("classes", int(classes)), ("batch_size", int(batch_size)))
+        # the arguments as given (checkpoint conversion); compiled code only sees the structure
+        self._kwargs = dict(learning_rate=float(lr), weight_decay=float(weight_decay), warmup=warmup,
+                            momentum=momentum, classes=int(classes), batch_size=int(batch_size))
+        self._cfg = (("classes", int(classes)), ("batch_size", int(batch_size)))
+        self._numeric = None  # traced numbers of the step (elra_numeric), made on the first call
         global _warned_x64
         if not dlpack.x64_enabled() and not _warned_x64:
             _warned_x64 = True
@@ -335,7 +355,7 @@ class ELRA(JaxOptimizer):
         if self._jstate is not None:
             return
         params = self._jax_params()
-        fresh = _bridge_init(params, cfg=self._cfg)
+        fresh = self._fresh_state(params)
         if self._needs_import:
             fresh = self._import_state(fresh)
         # every input of the step committed to the parameters' device from the first call on: a mix of
@@ -344,9 +364,26 @@ class ELRA(JaxOptimizer):
         self._jstate = jax.device_put(fresh, device)
         self._spare = jax.device_put(self._fresh_spare(fresh), device)
         self._changed = jax.device_put(jnp.asarray(False), device)
+        k = self._kwargs
+        self._numeric = jax.device_put(elra_numeric(k["weight_decay"], k["warmup"], k["momentum"]), device)
         self._skips_base = int(self.param_groups[0].get("nonfinite_skips", 0))
         self._skips = jax.device_put(jnp.asarray(self._skips_base, jnp.int32), device)
         self._needs_import = False
+
+    def _init_call(self):
+        """``(init, learning_rate, wd0)``: the compiled init with its static configuration bound and its
+        traced arguments (the learning rate in the control dtype, the mapped weight decay). The fresh state
+        (:meth:`_fresh_state`) and the load spec (:meth:`_load_spec`, ``jax.eval_shape`` of the same call)
+        share it, so that what ``load_state_dict`` expects is what the next step builds."""
+        k = self._kwargs
+        wd0 = elra_numeric(k["weight_decay"])["wd0"]
+        cfg = (("classes", k["classes"]), ("batch_size", k["batch_size"]), ("momentum_on", k["momentum"] is not None))
+        return (functools.partial(_bridge_init, cfg=cfg), jnp.asarray(k["learning_rate"], control_dtype()), wd0)
+
+    def _fresh_state(self, params) -> ElraState:
+        """``elra(...).init(params)`` with the learning rate and weight decay as traced arguments."""
+        init, learning_rate, wd0 = self._init_call()
+        return init(params, learning_rate, wd0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for lv in self._leaves:
@@ -414,7 +451,7 @@ class ELRA(JaxOptimizer):
             skip = policy == "skip"
             x_new, self._jstate, self._changed, bs, skips = _bridge_step(
                 self._jax_grads(), old, self._jax_params(), value, force, tl, vl, sc, self._changed, bs, spare,
-                self._skips if skip else None, cfg=self._cfg, skip=skip)
+                self._numeric, self._skips if skip else None, cfg=self._cfg, skip=skip)
             if skip:
                 self._skips = skips
             if boost and bs is not None:
@@ -482,7 +519,7 @@ class ELRA(JaxOptimizer):
     def check_next_step(self) -> tuple[bool, int]:
         """``(real, collects)``: whether the next call with a gradient moves the parameters (host sync)."""
         if self._jstate is None:
-            return True, 0 if self._cfg[4][1] >= 2 else 1
+            return True, 0 if self._kwargs["classes"] >= 2 else 1
         real, collects = elra_next_call_is_real_step(self._jstate)
         return bool(real), int(collects)
 
@@ -627,10 +664,10 @@ class ELRA(JaxOptimizer):
         saved = self._leaves
         self._leaves = [_SimpleLeaves(list(self._order))]
         try:
-            state = self._import_state(_bridge_init(self._jax_params(), cfg=self._cfg))
+            state = self._import_state(self._fresh_state(self._jax_params()))
         finally:
             self._leaves = saved
-        kw = dict(self._cfg)
+        kw = dict(self._kwargs)
         tx = elra(kw["learning_rate"], kw["weight_decay"], kw["warmup"], kw["momentum"], classes=kw["classes"],
                   batch_size=kw["batch_size"])
         return tx, state, list(self._order), kw
@@ -662,7 +699,8 @@ class ELRA(JaxOptimizer):
         if not trainable:
             return LoadSpec([[None] * len(g["params"]) for g in groups], frozenset(_PER_PARAM_KEYS),
                             group_slots=[{} for _ in groups])
-        fresh = jax.eval_shape(functools.partial(_bridge_init, cfg=self._cfg), jax_shapes(trainable))
+        init, learning_rate, wd0 = self._init_call()
+        fresh = jax.eval_shape(init, jax_shapes(trainable), learning_rate, wd0)
         keys = [k for k, f in _PER_PARAM_KEYS.items() if getattr(fresh, f) is not None]
         per_param = [[{k: StateSlot(tuple(p.shape), p.dtype, True) for k in keys} if p.requires_grad else None
                       for p in g["params"]] for g in groups]

@@ -14,7 +14,9 @@ The loss tensor is handed to JAX without ``.item()``. Parameters whose ``.grad``
 
 state_dict: per parameter ``momentum_buffer`` (torch SGD's name), ``retained`` (the retained-gradient
 average) and ``slow`` (lookahead's slow weights); the controller under the non-parameter key
-``state['controller']`` (tensors; the PRNG key as raw uint32 data). Resuming is bit-identical.
+``state['controller']`` (tensors; the PRNG key's raw ``uint32`` words held as ``int64``, exactly: torch's
+``uint32`` tensors cannot be unpickled, so the optimizer and its state dict pickle and deep-copy; a state
+dict holding the key as ``uint32`` loads too). Resuming is bit-identical.
 
 Arguments accepted for compatibility and ignored (they have no effect in the reference either):
 ``model``, ``decay``, ``usage_case``, ``max_steps``, and ``step``'s ``current_epoch``.
@@ -37,7 +39,9 @@ from jaxopt_suite.lookahead import LookaheadState
 from jaxopt_suite.nonfinite import SkipNonFiniteState, check_nonfinite, skip_nonfinite
 
 from . import dlpack
-from .optimizer import JaxOptimizer, LoadSpec, StateSlot, _LazyState, jax_shapes, raise_if_nonfinite
+from . import optimizer as _optimizer
+from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _LazyState, _host_of_torch, _host_to_torch, jax_shapes,
+                        raise_if_nonfinite)
 
 __all__ = ["EnhancedSGD"]
 
@@ -57,13 +61,18 @@ _PER_PARAM_FIELDS = ("momentum_buffer", "retained")
 _FACTORY_ARGS = tuple(inspect.signature(T.enhanced_sgd).parameters)
 
 
-def _transformation(lrs, moms, scalars, static):
-    return T.enhanced_sgd(learning_rate=list(lrs), momentum=list(moms), **scalars, **dict(static))
+def _transformation(lrs, moms, scalars, static, seed=None):
+    kwargs = dict(static)
+    if seed is not None:
+        kwargs["seed"] = seed
+    return T.enhanced_sgd(learning_rate=list(lrs), momentum=list(moms), **scalars, **kwargs)
 
 
+# The seed is a traced argument of the init (it only makes the initial PRNG key): instances that differ in
+# their seed (``seed=None`` draws one per instance) share one compiled init and one compiled step.
 @functools.partial(jax.jit, static_argnames=("static",))
-def _init(params, lrs, moms, scalars, *, static):
-    return _transformation(lrs, moms, scalars, static).init(params)
+def _init(params, lrs, moms, scalars, seed, *, static):
+    return _transformation(lrs, moms, scalars, static, seed).init(params)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "skip"))
@@ -79,6 +88,21 @@ def _step(state, params, grads, mask, lrs, moms, scalars, value, skips=None, *, 
         skips, state = state.skips, state.inner_state
     new_params = [(p + u).astype(p.dtype) for p, u in zip(params, updates)]
     return new_params, state, skips
+
+
+_optimizer._STEP_FUNCTIONS.append(_step)
+_optimizer._INIT_FUNCTIONS.append(_init)
+
+
+def _controller_to_torch(leaf) -> torch.Tensor:
+    """A controller leaf as a torch tensor of the same values; the PRNG key's ``uint32`` words as ``int64``
+    (exact; torch's ``uint32`` tensors cannot be unpickled), see :func:`~torch_bridge.optimizer._host_to_torch`."""
+    return _host_to_torch(leaf)
+
+
+def _controller_to_jax(value, ref) -> jax.Array:
+    """A torch-side controller value as the JAX leaf ``ref`` (its dtype and shape), cast exactly."""
+    return jnp.asarray(_host_of_torch(value, ref.dtype), ref.dtype).reshape(ref.shape)
 
 
 def _hashable(value):
@@ -120,7 +144,12 @@ class EnhancedSGD(JaxOptimizer):
 
     Positional arguments follow the reference implementation's order and defaults; options it did not have
     are keyword-only. ``layer_type_scaling`` and ``grad_cam_scaling`` were never implemented there and raise
-    ``NotImplementedError``. ``seed=None`` draws the seed once from torch's global generator.
+    ``NotImplementedError``. ``seed=None`` draws the seed once from torch's global generator. The seed, ``lr``,
+    ``momentum`` and the numeric options of ``_SCALARS`` (``smoothing_factor``, ``noise_scale``, the ``q_*``
+    rates, ``lookahead_alpha``...) are data, not compile-time constants: instances that differ only in them
+    share one compiled init and one compiled step. The structural options (``lookahead_k``, the flags,
+    ``gradient_buffer_size``, ``max_momentum``, the scale bounds, ``spike_recovery_steps``, ``entropy_bins``,
+    ``bayesian_prior_std``: static in the factory) compile once per value.
 
     ``nonfinite`` (keyword-only, global): ``"propagate"`` (default) is EnhancedSGD's own handling (the inner
     step is skipped, Lookahead still counts it). ``"skip"``: :func:`jaxopt_suite.skip_nonfinite` around the
@@ -193,11 +222,24 @@ class EnhancedSGD(JaxOptimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _static(self, *, for_update: bool = False) -> tuple:
-        """Static options; for the compiled update, init-only ones are fixed so that seeds share it."""
+    def _static(self, *, for_update: bool = False, for_init: bool = False) -> tuple:
+        """Static options as given; for a compiled function, the options it does not read are fixed (the
+        update reads no init-only option, the init gets the seed as a traced argument, :meth:`_seed`), so
+        that instances differing in them share it."""
         defaults = {"bayesian_init": False, "bayesian_prior_std": 0.05, "seed": 0}
-        return tuple((k, defaults[k] if for_update and k in _INIT_ONLY else _hashable(self.defaults[k]))
-                     for k in _STATIC)
+        fixed = _INIT_ONLY if for_update else ("seed",) if for_init else ()
+        return tuple((k, defaults[k] if k in fixed else _hashable(self.defaults[k])) for k in _STATIC)
+
+    def _seed(self):
+        """The seed as the init's traced argument: the array ``jax.random.PRNGKey`` makes of a Python int."""
+        return jnp.asarray(np.int64(int(self.defaults["seed"])))
+
+    def _init_call(self):
+        """``(init, traced)``: the compiled init with its static options bound (the seed fixed) and its traced
+        arguments ``(lrs, moms, scalars, seed)``. :meth:`_build_state` calls it; :meth:`_load_spec` traces
+        the same call with ``jax.eval_shape``, so that what ``load_state_dict`` expects is what the next step
+        builds."""
+        return functools.partial(_init, static=self._static(for_init=True)), (*self._traced(), self._seed())
 
     def _traced(self):
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 with x64 (like Python floats)
@@ -235,8 +277,8 @@ class EnhancedSGD(JaxOptimizer):
     def _build_state(self):
         params = self._params()
         params_j = [dlpack.to_jax_copy(p.detach()) for p in params]
-        lrs, moms, scalars = self._traced()
-        state = _init(params_j, lrs, moms, scalars, static=self._static())
+        init, traced = self._init_call()
+        state = init(params_j, *traced)
         torch_state = [dict.get(self.state, p) or {} for p in params]
         controller = dict.get(self.state, "controller")
         if not any(torch_state) and not controller:
@@ -259,13 +301,13 @@ class EnhancedSGD(JaxOptimizer):
                 if name in _PER_PARAM_FIELDS or not controller or name not in controller:
                     continue
                 ref = getattr(s, name)
-                fields[name] = jnp.asarray(np.asarray(controller[name].cpu()), ref.dtype).reshape(ref.shape)
+                fields[name] = _controller_to_jax(controller[name], ref)
             return s._replace(**fields)
 
         if isinstance(state, LookaheadState):
             count = state.count
             if controller and "lookahead_count" in controller:
-                count = jnp.asarray(np.asarray(controller["lookahead_count"].cpu()), count.dtype).reshape(())
+                count = _controller_to_jax(controller["lookahead_count"], count)
             return state._replace(count=count, slow=per_param(state.slow, "slow"),
                                   inner_state=fix_inner(state.inner_state))
         return fix_inner(state)
@@ -283,13 +325,13 @@ class EnhancedSGD(JaxOptimizer):
         controller = {}
         if isinstance(state, LookaheadState):
             per_param["slow"] = state.slow
-            controller["lookahead_count"] = torch.from_numpy(np.array(state.count))
+            controller["lookahead_count"] = _controller_to_torch(state.count)
         for i, p in enumerate(self._params()):
             dict.__setitem__(self.state, p, {k: dlpack.to_torch(v[i]).clone() for k, v in per_param.items()})
         for name in inner._fields:
             if name in _PER_PARAM_FIELDS:
                 continue
-            controller[name] = torch.from_numpy(np.array(getattr(inner, name)))
+            controller[name] = _controller_to_torch(getattr(inner, name))
         dict.__setitem__(self.state, "controller", controller)
         if self._skips is not None and self._nonfinite_policy() == "skip":
             for group in self.param_groups:
@@ -383,9 +425,8 @@ class EnhancedSGD(JaxOptimizer):
         """Per parameter ``momentum_buffer`` (+ ``retained``, ``slow`` when configured); ``state['controller']``
         every other field of the state (shapes and dtypes of a traced ``init``)."""
         params = [p for g in groups for p in g["params"]]
-        lrs, moms, scalars = self._traced()
-        template = jax.eval_shape(functools.partial(_init, static=self._static()), jax_shapes(params), lrs, moms,
-                                  scalars)
+        init, traced = self._init_call()
+        template = jax.eval_shape(init, jax_shapes(params), *traced)  # what _build_state builds, abstractly
         inner = T.find_enhanced_state(template)
         keys = ["momentum_buffer"] + (["retained"] if inner.retained is not None else [])
         controller = {}

@@ -18,7 +18,9 @@ How a step works (flat path, the default)
   skipped, the buffer switches for good to *segment mode*: the factory gets ``segments=FlatLayout`` and a
   ``grad_mask`` with one entry per segment.
 * Numeric hyperparameters are read from the group at every step (``float(...)``, so a tensor lr works)
-  and passed to the jitted step as traced arguments: schedulers never cause recompiles. Structural
+  and passed to the jitted step as traced arguments: schedulers never cause recompiles, and instances
+  that differ only in such values share one compiled step (integers a factory reads in ``init`` only,
+  such as a seed, are traced too). Structural
   options (maximize, amsgrad, nesterov...) are static; changing one rebuilds the state once through the
   torch-side state.
 * The new parameters land in a donated JAX-owned scratch buffer and are written back with one
@@ -100,14 +102,13 @@ import torch
 
 from jaxopt_suite import checkpoint as _ckpt
 from jaxopt_suite import registry
-from jaxopt_suite._common import FlatLayout, factory_signature
+from jaxopt_suite._common import INIT_ONLY_ATTR, FlatLayout, factory_signature
 from jaxopt_suite.nonfinite import EXTERNAL_FLAG, check_nonfinite, skip_nonfinite
 
 from . import dlpack
 
-__all__ = ["JaxOptimizer", "LoadSpec", "StateSlot", "StepSpec", "compiled_step_cache_size", "entry_info",
-           "raise_if_nonfinite",
-           "validate_loaded_state"]
+__all__ = ["JaxOptimizer", "LoadSpec", "StateSlot", "StepSpec", "compiled_init_cache_size",
+           "compiled_step_cache_size", "entry_info", "raise_if_nonfinite", "validate_loaded_state"]
 
 SIMPLE_PATH_WARN_LEAVES = 400
 
@@ -172,9 +173,20 @@ def _compiled_step(scratch, state, params, grads, hyper, grad_mask, value, flag=
     return new_params, new_state
 
 
+# the jitted steps and inits of every bridge class (ELRA and EnhancedSGD register their own)
+_STEP_FUNCTIONS = [_compiled_step]
+_INIT_FUNCTIONS = [_compiled_init]
+
+
 def compiled_step_cache_size() -> int:
-    """Number of compiled step executables (all instances share them); tests count recompiles with it."""
-    return _compiled_step._cache_size()
+    """Number of compiled step executables of all bridge classes (all instances share them); tests count
+    recompiles with it: instances that differ only in numeric hyperparameters (or a seed) add none."""
+    return sum(f._cache_size() for f in _STEP_FUNCTIONS)
+
+
+def compiled_init_cache_size() -> int:
+    """Number of compiled state initialisations of all bridge classes (shared like the steps)."""
+    return sum(f._cache_size() for f in _INIT_FUNCTIONS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -865,13 +877,43 @@ def _as_tensor(value, index: int, param: torch.Tensor) -> torch.Tensor:
     return value.detach().to(device=param.device)
 
 
+_TORCH_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def _scalar_of(value):
     if torch.is_tensor(value):
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16 or value.dtype == torch.float16:
             value = value.float()
+        if value.dtype in _TORCH_UNSIGNED:  # torch's barebones unsigned dtypes (older state dicts)
+            value = value.to(torch.int64)
         return value.numpy()
     return np.asarray(value)
+
+
+def _host_to_torch(host) -> torch.Tensor:
+    """A global (non-parameter) JAX state leaf, on the host, as a torch tensor of the same values. Unsigned
+    integers (PRNG keys: ``uint32`` words) become ``int64``, which holds every ``uint32`` value exactly:
+    torch's ``uint32`` tensors pickle but cannot be unpickled, so ``pickle`` / ``copy.deepcopy`` of the
+    optimizer or its state dict would fail at restore. :func:`_host_of_torch` casts back."""
+    host = np.array(host)
+    if host.dtype.kind == "u":
+        if host.dtype.itemsize > 4:
+            raise TypeError(f"a {host.dtype} state leaf does not fit int64 exactly")
+        host = host.astype(np.int64)
+    return torch.from_numpy(host)
+
+
+def _host_of_torch(value, dtype) -> np.ndarray:
+    """A torch-side global state value as a host array of the JAX leaf's ``dtype``: exact for what
+    :func:`_host_to_torch` wrote (and for ``uint32`` tensors of older state dicts); integers outside the
+    range of an integer ``dtype`` raise ``ValueError`` instead of wrapping around."""
+    host, dtype = np.asarray(_scalar_of(value)), np.dtype(dtype)
+    if dtype.kind in "iu" and host.dtype.kind in "iu" and host.size:
+        info = np.iinfo(dtype)
+        if host.min() < info.min or host.max() > info.max:
+            raise ValueError(f"a state value holds integers outside the range of {dtype}")
+    return host.astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1033,6 +1075,12 @@ class JaxOptimizer(torch.optim.Optimizer):
             key = "lr" if name == "learning_rate" else name
             if key in group and group[key] is not None and not isinstance(group[key], bool):
                 out[name] = float(group[key])
+        # integers the factory reads in init only (EnhancedSGD's seed): traced as integers, so that instances
+        # differing in them share the compiled step (a static value would compile one per instance)
+        for name in getattr(entry.factory, INIT_ONLY_ATTR, ()):
+            value = group.get("lr" if name == "learning_rate" else name)
+            if name not in out and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                out[name] = np.int64(value)
         return out
 
     def _static_config(self, group: Mapping[str, Any]) -> dict[str, Hashable]:
@@ -1146,9 +1194,9 @@ class JaxOptimizer(torch.optim.Optimizer):
             key = next((k for k, f in self._group_state_keys().items() if _field_matches(path, f)), None)
             host = np.asarray(leaf)
             if key is not None:
-                group[key] = host.item() if host.ndim == 0 else torch.as_tensor(host.copy())
+                group[key] = host.item() if host.ndim == 0 else _host_to_torch(host)
             else:
-                extra[_path_name(path)] = torch.as_tensor(host.copy())
+                extra[_path_name(path)] = _host_to_torch(host)
         if extra:
             group["jax_state"] = extra
 
@@ -1163,7 +1211,7 @@ class JaxOptimizer(torch.optim.Optimizer):
                 value = extra[_path_name(path)]
             else:
                 continue
-            replacements[path] = jnp.asarray(_scalar_of(value), dtype=leaf.dtype).reshape(leaf.shape)
+            replacements[path] = jnp.asarray(_host_of_torch(value, leaf.dtype), dtype=leaf.dtype).reshape(leaf.shape)
         return replacements
 
     # ---- runtime (adoption of params into buffers) --------------------------------------------

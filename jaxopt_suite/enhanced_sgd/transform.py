@@ -189,6 +189,12 @@ def normal_from_bits(bits: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 
 
+def _integer_scalar_array(value: Any) -> bool:
+    """A 0-d integer array (NumPy, JAX or a tracer): a seed that init turns into the PRNG key."""
+    return (isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0
+            and jnp.issubdtype(value.dtype, jnp.integer))
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= {minimum}.")
@@ -245,8 +251,9 @@ def _validate(
     if isinstance(bayesian_prior_std, bool) or not isinstance(bayesian_prior_std, (int, float, np.floating)) \
             or not bayesian_prior_std >= 0:
         raise ValueError(f"Invalid bayesian_prior_std: {bayesian_prior_std!r}; allowed range is [0, inf).")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"Invalid seed: {seed!r}; expected a Python integer.")
+    if isinstance(seed, bool) or not (isinstance(seed, (int, np.integer)) or _integer_scalar_array(seed)):
+        raise ValueError(f"Invalid seed: {seed!r}; expected a Python integer (or a 0-d integer array, which may "
+                         "be traced: the seed is read by init only).")
     return lr_bounds, momentum_bounds
 
 
@@ -371,8 +378,8 @@ def bayesian_initialize(
 @C.declare_static(
     "apply_noise", "adaptive_momentum", "gradient_centering", "centering_axis", "gradient_clipping",
     "gradient_retention", "gradient_buffer_size", "lr_scale_bounds", "momentum_scale_bounds", "max_momentum",
-    "spike_recovery_steps", "entropy_bins", "bayesian_init", "bayesian_prior_std", "seed",
-    init_only=("q_epsilon", "q_initial_mix_prob"),
+    "spike_recovery_steps", "entropy_bins", "bayesian_init", "bayesian_prior_std",
+    init_only=("q_epsilon", "q_initial_mix_prob", "seed"),
 )
 def scale_by_enhanced_sgd(
     learning_rate: Any = 0.01,
@@ -447,7 +454,9 @@ def scale_by_enhanced_sgd(
       entropy_bins: histogram bins (≥ 2).
       bayesian_init: draw the initial scales from ``N(1, bayesian_prior_std²)`` (clipped to their bounds).
       bayesian_prior_std: standard deviation of that prior.
-      seed: seed of the PRNG key kept in the state.
+      seed: seed of the PRNG key kept in the state: a Python integer, or a 0-d integer array (e.g. traced, so
+        that one compiled ``init`` serves every seed). Read by ``init`` only; ``update`` does not depend on
+        it (it advances the key in the state).
 
     Extra args: ``value`` (the loss, optional), ``grad_mask`` (per-leaf bools; False leaves get a zero
     update, keep their buffers and are left out of the statistics). Others are ignored.
@@ -680,7 +689,7 @@ def scale_by_enhanced_sgd(
     "lookahead_k", "apply_noise", "adaptive_momentum", "gradient_centering", "centering_axis",
     "gradient_clipping", "gradient_retention", "gradient_buffer_size", "lr_scale_bounds",
     "momentum_scale_bounds", "max_momentum", "spike_recovery_steps", "entropy_bins", "bayesian_init",
-    "bayesian_prior_std", "seed", init_only=("q_epsilon", "q_initial_mix_prob"),
+    "bayesian_prior_std", init_only=("q_epsilon", "q_initial_mix_prob", "seed"),
 )
 @nonfinite_option(value=True)
 def enhanced_sgd(

@@ -318,8 +318,12 @@ def test_multisteps_non_boundary_updates_are_zero(entry):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sharding_report():
+def test_sharded_params_match_single_device():
+    """Every entry, run by ``sharding_check.py`` over 8 forced host devices, matches its single-device run.
+
+    One test for all entries: the device count is fixed before jax starts, so the check is one subprocess
+    (~30 s); as parametrized tests sharing a fixture, xdist ran that subprocess once per worker.
+    """
     script = Path(__file__).with_name("sharding_check.py")
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -329,16 +333,11 @@ def sharding_report():
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900,
                           cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.xdist_group("sharding")  # one worker runs the (module-scoped, ~50 s) subprocess, not each worker
-@by_entry
-def test_sharded_params_match_single_device(entry, sharding_report):
-    report = sharding_report[entry.name]
-    assert report["devices"] == 8
-    assert report["types_equal"], report["detail"]
-    assert report["max_diff"] <= 1e-6, report["detail"]
+    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(reports) == sorted(e.name for e in ENTRIES)
+    failures = {name: r["detail"] for name, r in reports.items()
+                if not (r["devices"] == 8 and r["types_equal"] and r["max_diff"] <= 1e-6)}
+    assert not failures, failures
 
 
 # --------------------------------------------------------------------------------------------------

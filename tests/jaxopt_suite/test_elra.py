@@ -21,7 +21,9 @@ from jaxopt_suite.elra import (
     elra_boost_result,
     elra_boost_update,
     elra_next_call_is_real_step,
+    elra_numeric,
     elra_step,
+    elra_step_numeric,
     scale_by_elra,
 )
 
@@ -212,6 +214,62 @@ def test_force_retrace_returns_to_last_good_point(x64):
 # ----------------------------------------------------------------------------------------------------------
 # transformations: jit, vmap, inject_hyperparams, dtypes, save/restore
 # ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("classes, x64_on", [(0, False), (0, True), (10, True)])
+def test_traced_hyperparameters_compile_once_and_match_constants(classes, x64_on):
+    """elra(learning_rate=x, ...) jitted with the numbers as traced arguments: one compiled init and one
+    compiled update serve every value, with the results of the Python constants bit for bit (through
+    elra_numeric / elra_step_numeric for weight decay, warmup and momentum), with x64 and without."""
+    configs = [dict(learning_rate=1e-3, weight_decay=0.0, warmup=1, momentum=0.5),
+               dict(learning_rate=3.7e-3, weight_decay=0.9999, warmup=7, momentum=0.9)]
+    with jax.enable_x64(x64_on):
+        params, loss, _ = sine_problem()
+        init = jax.jit(lambda p, lr, wd: elra(lr, wd, 1, 0.0, classes=classes, batch_size=4).init(p))
+        step = jax.jit(lambda g, s, p, v, num: elra_step_numeric(g, s, p, value=v, numeric=num, classes=classes,
+                                                                 batch_size=4))
+        upd = jax.jit(lambda g, s, p, v, lr: elra(lr, momentum=0.5, classes=classes, batch_size=4).update(
+            g, s, p, value=v))
+        cd = jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+        for kw in configs:
+            tx = elra(**kw, classes=classes, batch_size=4)
+            ref_step = jax.jit(lambda g, s, p, v, kw=kw: elra_step(g, s, p, value=v, classes=classes, batch_size=4,
+                                                                   **kw))
+            s_ref = tx.init(params)
+            s_tr = init(params, jnp.asarray(kw["learning_rate"], cd), elra_numeric(kw["weight_decay"])["wd0"])
+            jax.tree.map(np.testing.assert_array_equal, s_ref, s_tr)
+            num = elra_numeric(kw["weight_decay"], kw["warmup"], kw["momentum"])
+            p_ref = p_tr = params
+            for _ in range(8):
+                v, g = jax.value_and_grad(loss)(p_ref)
+                p_ref, s_ref = ref_step(g, s_ref, p_ref, v)
+                p_tr, s_tr = step(g, s_tr, p_tr, v, num)
+                jax.tree.map(np.testing.assert_array_equal, (p_ref, s_ref), (p_tr, s_tr))
+            # the update does not read the learning rate: traced, it is one computation for every value
+            s0 = elra(momentum=0.5, classes=classes, batch_size=4).init(params)
+            upd(g, s0, params, v, jnp.asarray(kw["learning_rate"]))
+        assert init._cache_size() == 1
+        assert step._cache_size() == 1
+        assert upd._cache_size() == 1
+
+
+def test_elra_step_numeric_matches_elra_step_bitwise():
+    params, loss, _ = sine_problem()
+    kw = dict(weight_decay=1e-3, warmup=5, momentum=0.7)
+    s1 = s2 = elra(1e-4, **kw).init(params)
+    p1 = p2 = params
+    ref = jax.jit(lambda g, s, p, v: elra_step(g, s, p, value=v, learning_rate=1e-4, **kw))
+    new = jax.jit(lambda g, s, p, v, num: elra_step_numeric(g, s, p, value=v, numeric=num))
+    num = elra_numeric(**kw)
+    for _ in range(12):
+        v, g = jax.value_and_grad(loss)(p1)
+        p1, s1 = ref(g, s1, p1, v)
+        p2, s2 = new(g, s2, p2, v, num)
+        jax.tree.map(np.testing.assert_array_equal, (p1, s1), (p2, s2))
+    with pytest.raises(ValueError, match="momentum"):
+        elra_step_numeric(g, s1, p1, value=v, numeric=elra_numeric())
+    with pytest.raises(ValueError, match="weight_decay"):
+        elra_numeric(weight_decay=0.3)
 
 
 def test_vmap_over_learning_rate_matches_separate_runs():

@@ -580,6 +580,33 @@ def test_seed_reproducibility():
     assert not np.array_equal(a["w1"], c["w1"])
 
 
+@pytest.mark.parametrize("x64_on", [False, True])
+def test_traced_seed_compiles_once_and_matches_the_constant(x64_on):
+    """enhanced_sgd(seed=s) with the seed a traced argument: one compiled init for every seed, the key (and
+    bayesian_init's scales) exactly those of the Python int, and one compiled update (it reads no seed)."""
+    with jax.enable_x64(x64_on):
+        params, x, y = readme_problem(0)
+        init = jax.jit(lambda p, seed: enhanced_sgd(seed=seed, bayesian_init=True).init(p))
+        g = jax.grad(mlp_loss)(params, x[:64], y[:64])
+        upd = jax.jit(lambda s, seed: enhanced_sgd(seed=seed, bayesian_init=True).update(g, s, params, value=1.0))
+        for seed in (3, -5, 2**40 + 3):
+            # (jitted as well: eager op-by-op arithmetic rounds bayesian_init's 1 + σz without the fused multiply-add)
+            ref = jax.jit(enhanced_sgd(seed=seed, bayesian_init=True).init)(params)
+            # the array jax.random.PRNGKey makes of a Python int
+            traced = init(params, jnp.asarray(np.int64(seed)))
+            jax.tree.map(np.testing.assert_array_equal, ref, traced)
+            u_ref, s_ref = jax.jit(lambda s, seed=seed: enhanced_sgd(seed=seed, bayesian_init=True).update(
+                g, s, params, value=1.0))(ref)
+            u, s = upd(traced, jnp.asarray(np.int64(seed)))
+            jax.tree.map(np.testing.assert_array_equal, (u_ref, s_ref), (u, s))
+        assert init._cache_size() == 1
+        assert upd._cache_size() == 1
+        with pytest.raises(ValueError, match="seed"):
+            enhanced_sgd(seed=jnp.asarray(1.5))
+        with pytest.raises(ValueError, match="seed"):
+            enhanced_sgd(seed=jnp.arange(2))
+
+
 def test_with_and_without_value_trace_once_each():
     params, x, y = readme_problem(0)
     opt = scale_by_enhanced_sgd()

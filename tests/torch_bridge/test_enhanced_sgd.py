@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +132,9 @@ def test_state_dict_resume_is_bit_identical():
     snapshot = copy.deepcopy(model.state_dict())
     assert set(sd["state"][0]) == {"momentum_buffer", "retained", "slow"}
     controller = sd["state"]["controller"]
-    assert controller["q_table"].shape == (27, 18) and controller["key"].dtype == torch.uint32
+    # the PRNG key's uint32 words, held exactly as int64 (torch's uint32 tensors do not unpickle)
+    assert controller["q_table"].shape == (27, 18) and controller["key"].dtype == torch.int64
+    np.testing.assert_array_equal(controller["key"].numpy(), np.asarray(find_enhanced_state(opt._jstate).key))
     run_torch(model, opt, x, y, 5)  # continues (batches restart; irrelevant for the comparison)
 
     model2 = readme_model(99)
@@ -139,6 +142,60 @@ def test_state_dict_resume_is_bit_identical():
     opt2 = EnhancedSGD(model2.parameters(), lookahead_k=4, seed=0)
     opt2.load_state_dict(sd)
     run_torch(model2, opt2, x, y, 5)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "pickled_state_dict", "uint32_key_state_dict"])
+def test_copies_after_steps_continue_the_identical_trajectory(how):
+    """Issue 15.5: after some steps the optimizer (with its model) survives ``pickle`` and ``copy.deepcopy``,
+    its state dict survives ``pickle``, and a state dict holding the key as ``torch.uint32`` (the earlier
+    format) loads; each copy continues the original's trajectory bit for bit, the PRNG key included."""
+    x, y = readme_data(6)
+    model = readme_model(6)
+    opt = EnhancedSGD(model.parameters(), lookahead_k=3, seed=5)
+    run_torch(model, opt, x, y, 4)
+    key_before = np.asarray(find_enhanced_state(opt._jstate).key)
+    if how == "pickle":
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    elif how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        sd = opt.state_dict()
+        if how == "pickled_state_dict":
+            sd = pickle.loads(pickle.dumps(sd))
+        else:
+            sd = copy.deepcopy(sd)
+            sd["state"]["controller"]["key"] = sd["state"]["controller"]["key"].to(torch.uint32)
+        model2 = readme_model(99)
+        model2.load_state_dict(copy.deepcopy(model.state_dict()))
+        opt2 = EnhancedSGD(model2.parameters(), lookahead_k=3, seed=0)
+        opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["params"][0] is next(model2.parameters())
+    np.testing.assert_array_equal(np.asarray(find_enhanced_state(opt2._ensure_state()).key), key_before)
+    run_torch(model, opt, x, y, 5)
+    run_torch(model2, opt2, x, y, 5)
+    assert not np.array_equal(np.asarray(find_enhanced_state(opt._jstate).key), key_before)  # the key advanced
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    controller2 = opt2.state_dict()["state"]["controller"]
+    for k, v in opt.state_dict()["state"]["controller"].items():  # bit for bit (NaN: no loss seen yet)
+        torch.testing.assert_close(controller2[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+
+
+def test_generic_bridge_pickles_its_prng_key():
+    """The generic ``JaxOptimizer(params, "enhanced_sgd")`` keeps the key under the group's ``'jax_state'``:
+    the optimizer pickles after steps and the restored copy continues bit for bit."""
+    import torch_bridge as tb
+
+    x, y = readme_data(7)
+    model = readme_model(7)
+    opt = tb.JaxOptimizer(model.parameters(), "enhanced_sgd", lr=0.01, seed=4)
+    run_torch(model, opt, x, y, 3, mode="value")
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert opt2.param_groups[0]["jax_state"] and opt2.param_groups[0]["params"][0] is next(model2.parameters())
+    run_torch(model, opt, x, y, 3, mode="value")
+    run_torch(model2, opt2, x, y, 3, mode="value")
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
 
