@@ -38,6 +38,7 @@ from .elra import (
     scale_by_elra,
 )
 from .sgd import SGDState, scale_by_sgd_momentum, sgd
+from .nonfinite import NONFINITE_POLICIES, SkipNonFiniteState, raise_nonfinite, skip_nonfinite
 from . import registry
 
 __all__ = [
@@ -85,5 +86,9 @@ __all__ = [
     "SGDState",
     "scale_by_sgd_momentum",
     "sgd",
+    "NONFINITE_POLICIES",
+    "SkipNonFiniteState",
+    "raise_nonfinite",
+    "skip_nonfinite",
     "registry",
 ]

@@ -172,7 +172,10 @@ def declare_static(*structural: str, init_only: Sequence[str] = ()):
 
     def record(factory):
         signature = inspect.signature(factory)
-        unknown = [n for n in (*structural, *init_only) if n not in signature.parameters]
+        # the non-finite policy (jaxopt_suite.nonfinite.nonfinite_option) is structural wherever it exists
+        names = structural + (("nonfinite",) if "nonfinite" in signature.parameters
+                              and "nonfinite" not in structural else ())
+        unknown = [n for n in (*names, *init_only) if n not in signature.parameters]
         if unknown:
             raise TypeError(f"{factory.__name__} has no parameters {unknown} to declare static")
 
@@ -185,7 +188,7 @@ def declare_static(*structural: str, init_only: Sequence[str] = ()):
                         bound.arguments[name] = value.value
                 args, kwargs = bound.args, bound.kwargs
             bound = bound.arguments
-            for name in structural:
+            for name in names:
                 value = bound.get(name)
                 # bool arrays are left to the factory (static_bool names them; a mask may be a bool array)
                 if isinstance(value, jax.Array) and value.dtype != bool:
@@ -197,10 +200,10 @@ def declare_static(*structural: str, init_only: Sequence[str] = ()):
                         "static_args.")
             return factory(*args, **kwargs)
 
-        setattr(checked, STATIC_ARGS_ATTR, tuple(structural) + tuple(init_only))
+        setattr(checked, STATIC_ARGS_ATTR, tuple(names) + tuple(init_only))
         setattr(checked, INIT_ONLY_ATTR, tuple(init_only))
         checked.__signature__ = signature.replace(parameters=[
-            p.replace(default=StaticDefault(p.default)) if p.name in structural and _traced_by_optax(p.default)
+            p.replace(default=StaticDefault(p.default)) if p.name in names and _traced_by_optax(p.default)
             else p for p in signature.parameters.values()])
         return checked
 

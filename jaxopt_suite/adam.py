@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _common as C
+from .nonfinite import nonfinite_option
 
 
 class AdamState(NamedTuple):
@@ -193,6 +194,7 @@ def _validate_adam(learning_rate, b1, b2, eps, weight_decay):
 
 
 @C.declare_static("amsgrad", "decoupled_weight_decay", "maximize", "weight_decay_mask", "segments")
+@nonfinite_option()
 def adam(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,
@@ -255,6 +257,7 @@ def adam(
 
 
 @C.declare_static("amsgrad", "maximize", "weight_decay_mask", "segments")
+@nonfinite_option()
 def adamw(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _common as C
+from .nonfinite import nonfinite_option
 
 
 class ADOPTState(NamedTuple):
@@ -132,6 +133,7 @@ def scale_by_adopt(
 
 
 @C.declare_static("decouple", "clip_value_fn", "maximize", "segments")
+@nonfinite_option()
 def adopt(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _common as C
+from .nonfinite import nonfinite_option
 
 SCALAR_DTYPES = ("float32", "float64")
 
@@ -148,6 +149,7 @@ def scale_by_asgd(
 
 
 @C.declare_static("maximize", "scalar_dtype", "segments")
+@nonfinite_option()
 def asgd(
     learning_rate: optax.ScalarOrSchedule = 1e-2,
     lambd: Any = 1e-4,

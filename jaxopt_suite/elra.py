@@ -48,6 +48,7 @@ import numpy as np
 import optax
 
 from . import _common as C
+from .nonfinite import nonfinite_option
 
 # constants of the method (doubles, as in the reference implementation)
 _CLIP = 10.0  # largest step length lr·‖g‖ in DNN mode
@@ -813,6 +814,7 @@ def scale_by_elra(
 
 
 @C.declare_static("classes", "batch_size", "segments", init_only=("learning_rate",))
+@nonfinite_option(value=True)
 def elra(
     learning_rate: Any = 1e-5,
     weight_decay: Any = 0.0,
@@ -856,6 +858,12 @@ def elra(
         the clipped lr, collects gradients). Use the number of classes for classifiers.
       batch_size: static; the caller's batch size (sizes the statistics window).
       segments: flat layout of the torch bridge (only global reductions are used, so it changes nothing).
+
+    The keyword-only option ``nonfinite`` (added by :func:`jaxopt_suite.nonfinite.nonfinite_option`):
+    ``"propagate"`` (default) is ELRA's own rule, a non-finite loss or gradient is a retrace (the state moves:
+    α shrinks, retrace counters advance; an ignored first call counts in ``skipped``). ``"skip"``: such a call
+    changes nothing, α and the statistics included, and counts in ``SkipNonFiniteState.skips`` (the loss is
+    checked too). ``"raise"``: ``FloatingPointError`` naming the leaf or the loss.
 
     Extra args of ``update``: ``value`` (required), ``force_retrace``, ``train_loss``, ``valid_loss``,
     ``grad_mask``; others are ignored.

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from . import _common as C
+from .nonfinite import nonfinite_option
 from .adam import adam
 from .sgd import sgd
 
@@ -173,6 +174,7 @@ def lookahead_slow_params(state: Any) -> Any:
 
 
 @C.declare_static("nesterov", "maximize", "reset", "weight_decay_mask", "segments")
+@nonfinite_option()
 def lookahead_sgd(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     momentum: Optional[Any] = None,
@@ -201,6 +203,7 @@ def lookahead_sgd(
 
 
 @C.declare_static("amsgrad", "decoupled_weight_decay", "maximize", "reset", "weight_decay_mask", "segments")
+@nonfinite_option()
 def lookahead_adam(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: Any = 0.9,

@@ -13,12 +13,14 @@ name is the unit that tests, parity rows and demo rows are keyed by.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional
 
 # Import functions, not modules: the package re-exports functions named like their modules
 # (``jaxopt_suite.sgd`` is the function), so ``from . import sgd`` would not give the module.
-from ._common import static_args_of
+from ._common import factory_signature, static_args_of
+from .nonfinite import NONFINITE_POLICIES
 from .adam import adam, adamw
 from .adopt import adopt
 from .asgd import asgd
@@ -68,6 +70,9 @@ class OptimizerEntry:
       supports_grad_mask: ``update`` honours the ``grad_mask`` extra arg (torch's skip of parameters without
         a gradient): a False leaf gets an exactly zero update and bit-identical state.
       description: one line for tables.
+      nonfinite_policies: the values the factory's ``nonfinite`` option takes (:mod:`jaxopt_suite.nonfinite`),
+        read from the factory (``()`` for a factory without the option); the default is ``"propagate"``.
+      nonfinite_checks_value: the policy also checks the loss ``value`` (entries that take one).
     """
 
     name: str
@@ -90,10 +95,16 @@ class OptimizerEntry:
     supports_grad_mask: bool = False
     supports_schedules: bool = True
     description: str = ""
+    nonfinite_policies: tuple[str, ...] = dataclasses.field(init=False)
+    nonfinite_checks_value: bool = dataclasses.field(init=False)
 
     def __post_init__(self):
         # one list per factory, declared next to it; the entry only reads it
         object.__setattr__(self, "static_args", static_args_of(self.factory))
+        has = "nonfinite" in factory_signature(self.factory).parameters
+        object.__setattr__(self, "nonfinite_policies", NONFINITE_POLICIES if has else ())
+        object.__setattr__(self, "nonfinite_checks_value", bool(getattr(inspect.unwrap(self.factory),
+                                                                        "nonfinite_checks_value", False)))
 
     def build(self, **overrides: Any):
         """The transformation with the entry's kwargs updated by ``overrides``."""

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _common as C
+from .nonfinite import nonfinite_option
 
 
 class SGDState(NamedTuple):
@@ -88,6 +89,7 @@ def scale_by_sgd_momentum(
 
 
 @C.declare_static("nesterov", "maximize", "weight_decay_mask", "segments")
+@nonfinite_option()
 def sgd(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     momentum: Optional[Any] = None,

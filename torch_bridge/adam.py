@@ -24,7 +24,7 @@ class Adam(JaxOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=None, flat=True, write_back="copy"):
+                 decoupled_weight_decay=None, flat=True, write_back="copy", nonfinite="propagate"):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         V.check_lr(lr, foreach=foreach, capturable=capturable)
@@ -38,7 +38,7 @@ class Adam(JaxOptimizer):
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults=defaults, flat=flat, write_back=write_back)
+        super().__init__(params, defaults=defaults, flat=flat, write_back=write_back, nonfinite=nonfinite)
 
     def _hyperparams(self, group):
         b1, b2 = group["betas"]
@@ -57,10 +57,10 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, flat=True,
-                 write_back="copy"):
+                 write_back="copy", nonfinite="propagate"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, flat=flat, write_back=write_back)
+                         decoupled_weight_decay=True, flat=flat, write_back=write_back, nonfinite=nonfinite)
 
     def __setstate__(self, state):
         super().__setstate__(state)

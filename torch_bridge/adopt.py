@@ -32,7 +32,7 @@ class ADOPT(JaxOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6,
                  clip_lambda=jaxopt_suite.default_clip_value, weight_decay=0.0, decouple=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None, flat=True,
-                 write_back="copy"):
+                 write_back="copy", nonfinite="propagate"):
         V.check_lr(lr, foreach=foreach, capturable=capturable)
         V.check_eps(eps)
         V.check_beta(betas, 0)
@@ -46,7 +46,7 @@ class ADOPT(JaxOptimizer):
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, registry_or("adopt", jaxopt_suite.adopt), defaults=defaults, flat=flat,
-                         write_back=write_back)
+                         write_back=write_back, nonfinite=nonfinite)
 
     def _hyperparams(self, group):
         b1, b2 = group["betas"]

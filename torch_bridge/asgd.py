@@ -29,7 +29,7 @@ class ASGD(JaxOptimizer):
 
     def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0, foreach=None,
                  maximize=False, differentiable=False, capturable=False, *, momentum=0.0, flat=True,
-                 write_back="copy"):
+                 write_back="copy", nonfinite="propagate"):
         # torch.optim.ASGD's checks, in its order (lambd, alpha, t0: see JaxOptimizer._check_group)
         V.check_lr(lr, foreach=False)
         V.check_weight_decay(weight_decay)
@@ -39,7 +39,7 @@ class ASGD(JaxOptimizer):
                         maximize=maximize, differentiable=differentiable, capturable=capturable,
                         momentum=momentum)
         super().__init__(params, registry_or("asgd", jaxopt_suite.asgd), defaults=defaults, flat=flat,
-                         write_back=write_back)
+                         write_back=write_back, nonfinite=nonfinite)
 
     _persistent_attrs = ("scalar_dtype",)
 

@@ -128,7 +128,7 @@ class AutoSGM(JaxOptimizer):
 
     def __init__(self, params, *, lr_cfg=DEFAULT_LR_CFG, beta_cfg=DEFAULT_BETA_CFG, rc_cfg=DEFAULT_RC_CFG,
                  wd_cfg=DEFAULT_WD_CFG, eps_cfg=DEFAULT_EPS_CFG, mix_cfg=DEFAULT_MIX_CFG, maximize=False,
-                 dbg=False, lr=None, flat=True, **keywords):
+                 dbg=False, lr=None, flat=True, nonfinite="propagate", **keywords):
         tuples = {"lr_cfg": lr_cfg, "beta_cfg": beta_cfg, "rc_cfg": rc_cfg, "wd_cfg": wd_cfg, "eps_cfg": eps_cfg}
         tuples = {k: list(_as_tuple(k, v)) for k, v in tuples.items()}
         if lr is not None:
@@ -141,7 +141,7 @@ class AutoSGM(JaxOptimizer):
         defaults = {k: tuple(v) for k, v in tuples.items()}
         defaults.update(lr=defaults["lr_cfg"][1], mix_cfg=tuple(mix_cfg), maximize=maximize, dbg=dbg)
         self._first_structure: dict[int, dict] = {}
-        super().__init__(params, defaults=defaults, flat=flat)
+        super().__init__(params, defaults=defaults, flat=flat, nonfinite=nonfinite)
 
     # ---- groups -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:

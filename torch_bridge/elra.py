@@ -37,8 +37,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import torch
 
+from jaxopt_suite.nonfinite import all_finite, check_nonfinite
 from jaxopt_suite.elra import (
     ElraState,
     _BOOL_FIELDS,
@@ -58,7 +60,7 @@ from . import _validate as V
 from . import dlpack
 from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _FlatBuffer, _flat_candidate, _exclude_overlaps,
-                        _NeedsRebuild, jax_shapes)
+                        _NeedsRebuild, jax_shapes, raise_if_nonfinite)
 
 __all__ = ["ELRA", "ElraOptimizer", "ElraGradScaler"]
 
@@ -74,19 +76,30 @@ _VECTOR_FIELDS = ("g_old", "x_lastgood", "coll_grad", "mom")
 # protect values that are still read while outputs are written (donating the state made it copy buffers).
 # Static ``cfg``: only the structure (classes, batch_size); the numbers (weight decay, warmup, momentum) are
 # traced ``numeric`` arrays and the learning rate is read by the init only, so instances that differ in
-# them share one compiled step.
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(10,), keep_unused=True)
+# them share one compiled step. ``skip``: nonfinite="skip" (``skips`` is its counter).
+@functools.partial(jax.jit, static_argnames=("cfg", "skip"), donate_argnums=(10,), keep_unused=True)
 def _bridge_step(grads, state, params, value, force, train_loss, valid_loss, scale, changed, boost, spare,
-                 numeric, *, cfg):
+                 numeric, skips=None, *, cfg, skip=False):
     del spare
     kw = dict(cfg)
     if scale is not None:
         grads = [g * scale.astype(g.dtype) for g in grads]
-    x_new, state = elra_step_numeric(grads, state, params, value=value, numeric=numeric, force_retrace=force,
-                                     train_loss=train_loss, valid_loss=valid_loss, **kw)
+    x_new, new = elra_step_numeric(grads, state, params, value=value, numeric=numeric, force_retrace=force,
+                                   train_loss=train_loss, valid_loss=valid_loss, **kw)
+    new_changed = changed | new.last_moved
     if boost is not None:
-        boost = elra_boost_update(boost, x_new, value=value, moved=state.last_moved, retraced=state.last_retrace)
-    return x_new, state, changed | state.last_moved, boost
+        new_boost = elra_boost_update(boost, x_new, value=value, moved=new.last_moved, retraced=new.last_retrace)
+    else:
+        new_boost = None
+    if skip:
+        # nonfinite="skip": a non-finite loss, or gradient (unless the call retraces without one), leaves the
+        # parameters, the state, the booster and the 'changed' flag as they were (jaxopt_suite.skip_nonfinite)
+        ok = jnp.isfinite(value) & (jnp.asarray(force, bool) | all_finite(grads))
+        keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(ok, a, b), n, o)  # noqa: E731
+        x_new, new, new_changed = keep(x_new, params), keep(new, state), keep(new_changed, changed)
+        new_boost = None if boost is None else keep(new_boost, boost)
+        skips = jnp.where(ok, skips, optax.safe_increment(skips))
+    return x_new, new, new_changed, new_boost, skips
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -238,13 +251,19 @@ class ELRA(JaxOptimizer):
         opt.set_train_loss(train_loss); opt.set_valid_loss(valid_loss)   # dynamic weight decay
 
     ``step_retrace(loss)`` undoes the last step without a gradient (e.g. when the loss exploded).
+
+    ``nonfinite`` (keyword-only, for all groups): ``"propagate"`` (default) is ELRA's own rule, a non-finite
+    loss or gradient is a retrace. ``"skip"``: such a call leaves the parameters and the whole state (α, the
+    statistics, the booster, ``state['elra']['calls']``) bit-identical and adds 1 to the group key
+    ``nonfinite_skips``, decided on the device; with ``force_retrace`` only the loss is checked. ``"raise"``:
+    ``FloatingPointError`` naming the loss or the parameter before anything is modified.
     """
 
     entry_name = None
 
     def __init__(self, params, model=None, batch_size: int = 8, classes: int = 0, lr: float = 1e-5, mode=None,
                  dummy=None, momentum: Optional[float] = None, weight_decay: float = 0.0, warmup: int = 1, *,
-                 flat: bool = True):
+                 flat: bool = True, nonfinite: str = "propagate"):
         del model, mode, dummy  # accepted for compatibility with the package; unused there as well
         for name, value in (("lr", lr), ("weight_decay", weight_decay), ("warmup", warmup)):
             V.check_strict(name, value)
@@ -285,7 +304,9 @@ class ELRA(JaxOptimizer):
         self._boost_model = None
         self._boost_source = None
         self._needs_import = False
-        torch.optim.Optimizer.__init__(self, params, {"lr": float(lr)})
+        self._skips = None  # nonfinite="skip" counter (device int32)
+        self._skips_base = 0  # its value when the state was last built from the torch side
+        torch.optim.Optimizer.__init__(self, params, {"lr": float(lr), "nonfinite": check_nonfinite(nonfinite)})
 
     # ---- parameters -----------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -295,7 +316,7 @@ class ELRA(JaxOptimizer):
         extra = set(param_group) - {"params", "lr"}
         if extra:
             raise ValueError(f"ELRA is one global method: per-group options {sorted(extra)} are not supported "
-                             "(only 'params' and 'lr', which ELRA ignores).")
+                             "(only 'params' and 'lr', which ELRA ignores; 'nonfinite' is the constructor's).")
         torch.optim.Optimizer.add_param_group(self, param_group)
         new = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
         for p in new:
@@ -357,6 +378,8 @@ class ELRA(JaxOptimizer):
         self._changed = jax.device_put(jnp.asarray(False), device)
         k = self._kwargs
         self._numeric = jax.device_put(elra_numeric(k["weight_decay"], k["warmup"], k["momentum"]), device)
+        self._skips_base = int(self.param_groups[0].get("nonfinite_skips", 0))
+        self._skips = jax.device_put(jnp.asarray(self._skips_base, jnp.int32), device)
         self._needs_import = False
 
     def _init_call(self):
@@ -425,6 +448,9 @@ class ELRA(JaxOptimizer):
                     lv.sync_grads()
             except _NeedsRebuild:
                 self._readopt()
+            policy = self._nonfinite_policy()
+            if policy == "raise":
+                self._raise_if_nonfinite_elra(loss, force_retrace)
             self._ensure_state()
             value = _to_jax_scalar(loss, "loss")
             force = _to_jax_scalar(force_retrace, "force_retrace").astype(bool)
@@ -434,9 +460,12 @@ class ELRA(JaxOptimizer):
             sc = None if scale is None else _to_jax_scalar(scale, "scale")
             bs = self._boost if boost else None
             old, spare, self._spare = self._jstate, self._spare, None
-            x_new, self._jstate, self._changed, bs = _bridge_step(
+            skip = policy == "skip"
+            x_new, self._jstate, self._changed, bs, skips = _bridge_step(
                 self._jax_grads(), old, self._jax_params(), value, force, tl, vl, sc, self._changed, bs, spare,
-                self._numeric, cfg=self._cfg)
+                self._numeric, self._skips if skip else None, cfg=self._cfg, skip=skip)
+            if skip:
+                self._skips = skips
             if boost and bs is not None:
                 self._boost = bs
             for lv, leaves in zip(self._leaves, self._split(x_new)):
@@ -447,6 +476,17 @@ class ELRA(JaxOptimizer):
 
     def _device(self):
         return next(iter(self._jax_params()[0].devices()))
+
+    def _nonfinite_policy(self) -> str:
+        return check_nonfinite(self.param_groups[0].get("nonfinite", "propagate"))
+
+    def _raise_if_nonfinite_elra(self, loss, force_retrace) -> None:
+        """nonfinite="raise": ``FloatingPointError`` naming the loss or the parameter (one host sync)."""
+        if force_retrace is True:  # the gradient is not used, only the loss
+            raise_if_nonfinite("ELRA.step", self.param_groups, [], value=loss)
+        else:
+            raise_if_nonfinite("ELRA.step", self.param_groups, value=loss,
+                               tensors=[p.grad for p in self._order if p.grad is not None])
 
     def _fresh_spare(self, state: ElraState):
         """Scratch buffers shaped like the vector state and the parameters (donated to the next step)."""
@@ -589,7 +629,13 @@ class ELRA(JaxOptimizer):
             else:
                 scalars[name] = torch.tensor(float(v), dtype=torch.float64)
         scalars["xaver_list"] = torch.from_numpy(np.array(st_host.xaver_list, np.float32))
-        scalars["calls"] = torch.tensor(self._calls, dtype=torch.int64)
+        calls = self._calls
+        if self._skips is not None and self._nonfinite_policy() == "skip":
+            skips = int(self._skips)
+            calls -= skips - self._skips_base  # a skipped call leaves the state as it was, 'calls' included
+            for group in self.param_groups:
+                group["nonfinite_skips"] = skips
+        scalars["calls"] = torch.tensor(calls, dtype=torch.int64)
         dict.__setitem__(self.state, "elra", scalars)
 
     def _import_state(self, fresh: ElraState) -> ElraState:

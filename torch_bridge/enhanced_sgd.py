@@ -36,11 +36,13 @@ import torch
 
 from jaxopt_suite.enhanced_sgd import transform as T
 from jaxopt_suite.lookahead import LookaheadState
+from jaxopt_suite.nonfinite import SkipNonFiniteState, check_nonfinite, skip_nonfinite
 
 from . import _validate as V
 from . import dlpack
 from . import optimizer as _optimizer
-from .optimizer import JaxOptimizer, LoadSpec, StateSlot, _LazyState, _host_of_torch, _host_to_torch, jax_shapes
+from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _LazyState, _host_of_torch, _host_to_torch, jax_shapes,
+                        raise_if_nonfinite)
 
 __all__ = ["EnhancedSGD"]
 
@@ -74,15 +76,19 @@ def _init(params, lrs, moms, scalars, seed, *, static):
     return _transformation(lrs, moms, scalars, static, seed).init(params)
 
 
-@functools.partial(jax.jit, static_argnames=("static",))
-def _step(state, params, grads, mask, lrs, moms, scalars, value, *, static):
+@functools.partial(jax.jit, static_argnames=("static", "skip"))
+def _step(state, params, grads, mask, lrs, moms, scalars, value, skips=None, *, static, skip=False):
     tx = _transformation(lrs, moms, scalars, static)
+    if skip:  # nonfinite="skip": the suite's wrapper around the whole step (lookahead included)
+        tx, state = skip_nonfinite(tx, check_value=True), SkipNonFiniteState(skips, state)
     extra = {} if value is None else {"value": value}
     if mask is not None:
         extra["grad_mask"] = mask
     updates, state = tx.update(grads, state, params, **extra)
+    if skip:
+        skips, state = state.skips, state.inner_state
     new_params = [(p + u).astype(p.dtype) for p, u in zip(params, updates)]
-    return new_params, state
+    return new_params, state, skips
 
 
 _optimizer._STEP_FUNCTIONS.append(_step)
@@ -145,6 +151,12 @@ class EnhancedSGD(JaxOptimizer):
     share one compiled init and one compiled step. The structural options (``lookahead_k``, the flags,
     ``gradient_buffer_size``, ``max_momentum``, the scale bounds, ``spike_recovery_steps``, ``entropy_bins``,
     ``bayesian_prior_std``: static in the factory) compile once per value.
+
+    ``nonfinite`` (keyword-only, global): ``"propagate"`` (default) is EnhancedSGD's own handling (the inner
+    step is skipped, Lookahead still counts it). ``"skip"``: :func:`jaxopt_suite.skip_nonfinite` around the
+    whole step, so a non-finite gradient or loss leaves parameters and state (controller, PRNG key, Lookahead)
+    bit-identical and adds 1 to the group key ``nonfinite_skips``. ``"raise"``: ``FloatingPointError`` naming
+    the loss or the parameter before anything is modified.
     """
 
     entry_name = "enhanced_sgd"
@@ -157,7 +169,7 @@ class EnhancedSGD(JaxOptimizer):
                  q_learning_rate=0.1, q_discount=0.9, q_epsilon=0.5, q_epsilon_decay=0.995, q_epsilon_min=0.01,
                  q_initial_mix_prob=0.8, lr_scale_bounds=(0.5, 1.5), momentum_scale_bounds=(0.9, 1.1),
                  max_momentum=0.99, spike_recovery_steps=10, entropy_bins=100, centering_axis=0,
-                 bayesian_init=False, bayesian_prior_std=0.05, seed=None):
+                 bayesian_init=False, bayesian_prior_std=0.05, seed=None, nonfinite="propagate"):
         del model  # accepted for compatibility; unused (as in the reference)
         if layer_type_scaling is not None:
             raise NotImplementedError("layer_type_scaling is not implemented (it had no effect in the reference)")
@@ -183,8 +195,9 @@ class EnhancedSGD(JaxOptimizer):
         defaults = dict(lr=lr, momentum=momentum, decay=decay, usage_case=usage_case, max_steps=max_steps,
                         **options)
         self._jstate = None
+        self._skips = None  # nonfinite="skip" counter (device int32)
         self._stale = False
-        JaxOptimizer.__init__(self, params, defaults=defaults)
+        JaxOptimizer.__init__(self, params, defaults=defaults, nonfinite=nonfinite)
         self._check_groups()
 
     # ---- groups -------------------------------------------------------------------------------
@@ -254,7 +267,15 @@ class EnhancedSGD(JaxOptimizer):
     def _ensure_state(self):
         if self._jstate is None:
             self._jstate = self._build_state()
+            self._skips = jnp.asarray(int(self.param_groups[0].get("nonfinite_skips", 0)), jnp.int32)
         return self._jstate
+
+    def _nonfinite_policy(self) -> str:
+        """The constructor's ``nonfinite`` (global, as every option but 'lr' and 'momentum')."""
+        policies = {check_nonfinite(g.get("nonfinite", "propagate")) for g in self.param_groups}
+        if len(policies) > 1:
+            raise ValueError(f"EnhancedSGD: option 'nonfinite' is global; the param groups use {sorted(policies)}")
+        return policies.pop()
 
     def _build_state(self):
         params = self._params()
@@ -315,6 +336,9 @@ class EnhancedSGD(JaxOptimizer):
                 continue
             controller[name] = _controller_to_torch(getattr(inner, name))
         dict.__setitem__(self.state, "controller", controller)
+        if self._skips is not None and self._nonfinite_policy() == "skip":
+            for group in self.param_groups:
+                group["nonfinite_skips"] = int(self._skips)
 
     def _refresh_state(self):
         if getattr(self, "_stale", False):
@@ -338,6 +362,9 @@ class EnhancedSGD(JaxOptimizer):
         if not any(has_grad):
             return loss
         with torch.no_grad():
+            policy = self._nonfinite_policy()
+            if policy == "raise":
+                raise_if_nonfinite("EnhancedSGD.step", self.param_groups, value=value)
             state = self._ensure_state()
             params_j = [dlpack.to_jax(p) for p in params]
             grads_j = [dlpack.to_jax(p.grad) if h else jnp.zeros(p.shape, params_j[i].dtype)
@@ -345,8 +372,12 @@ class EnhancedSGD(JaxOptimizer):
             mask = None if all(has_grad) else [np.bool_(h) for h in has_grad]
             lrs, moms, scalars = self._traced()
             v = None if value is None else self._loss_to_jax(value)
-            new_params, self._jstate = _step(state, params_j, grads_j, mask, lrs, moms, scalars, v,
-                                             static=self._static(for_update=True))
+            skip = policy == "skip"
+            new_params, self._jstate, skips = _step(state, params_j, grads_j, mask, lrs, moms, scalars, v,
+                                                    self._skips if skip else None,
+                                                    static=self._static(for_update=True), skip=skip)
+            if skip:
+                self._skips = skips
             for p, new in zip(params, new_params):
                 p.copy_(dlpack.to_torch(new))
         self._stale = True
@@ -432,6 +463,7 @@ class EnhancedSGD(JaxOptimizer):
         raw = self.state
         self.state = _LazyState(self, dict.items(raw) if isinstance(raw, dict) else raw)
         self.__dict__.setdefault("_jstate", None)
+        self.__dict__.setdefault("_skips", None)
         self.__dict__["_stale"] = False
         self.__dict__.setdefault("_entry_name", self.entry_name)
         self.__dict__.setdefault("flat", False)

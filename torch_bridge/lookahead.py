@@ -24,6 +24,7 @@ import torch
 
 import jaxopt_suite
 from jaxopt_suite import registry
+from jaxopt_suite.nonfinite import check_nonfinite
 
 from . import _validate as V
 from .optimizer import JaxOptimizer, entry_info
@@ -74,7 +75,7 @@ class Lookahead(JaxOptimizer):
     _persistent_attrs = ("optimizer", "reset", "state_keys", "presence_fields", "group_state_keys",
                          "elementwise", "group_flag_defaults")
 
-    def __init__(self, optimizer, k=5, alpha=0.5, *, reset="none"):
+    def __init__(self, optimizer, k=5, alpha=0.5, *, reset="none", nonfinite=None):
         _check(k, alpha, reset)
         inner = optimizer
         inner._refresh_state()
@@ -91,13 +92,19 @@ class Lookahead(JaxOptimizer):
         self.group_state_keys = {"lookahead_step": "LookaheadState.count"}
         self.elementwise = inner.elementwise
         self.group_flag_defaults = {**inner.group_flag_defaults, "lookahead_step": 0}
+        if nonfinite is None:  # the inner optimizer's policy (it then covers the whole Lookahead step)
+            nonfinite = inner.defaults.get("nonfinite", "propagate")
+        else:
+            check_nonfinite(nonfinite)
+            for group in inner.param_groups:
+                group["nonfinite"] = nonfinite
         for group in inner.param_groups:
             group.setdefault("k", k)
             group.setdefault("alpha", alpha)
             group.setdefault("lookahead_step", 0)
         defaults = {**inner.defaults, "k": k, "alpha": alpha, "lookahead_step": 0}
         super().__init__(list(inner.param_groups), inner._entry_name, defaults=defaults, flat=inner.flat,
-                         write_back=getattr(inner, "write_back", "copy"))
+                         write_back=getattr(inner, "write_back", "copy"), nonfinite=nonfinite)
         for p, st in inherited.items():
             if st and "slow_param" not in st:
                 # the slow weights start at the current params (what the first step's init would give), so

@@ -24,7 +24,8 @@ class SGD(JaxOptimizer):
                            "fused": False}
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None, flat=True, write_back="copy"):
+                 maximize=False, foreach=None, differentiable=False, fused=None, flat=True, write_back="copy",
+                 nonfinite="propagate"):
         # torch.optim.SGD's checks, in its order (a tensor lr: any foreach is fine for SGD)
         V.check_lr(lr, foreach=False, sgd=True)
         V.check_momentum(momentum)
@@ -35,7 +36,7 @@ class SGD(JaxOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
-        super().__init__(params, defaults=defaults, flat=flat, write_back=write_back)
+        super().__init__(params, defaults=defaults, flat=flat, write_back=write_back, nonfinite=nonfinite)
 
     def _hyperparams(self, group):
         out = {"learning_rate": float(group["lr"]), "dampening": float(group["dampening"]),

@@ -62,6 +62,7 @@ import numpy as np
 import optax
 
 from .. import _common as C
+from ..nonfinite import nonfinite_option
 from .filters import compute_dtype, is_zero, lowpass
 from .windows import _is_int, autosgm_window
 
@@ -392,6 +393,7 @@ def _huber(v, mean, var, beta_n, eps, one_minus_bn):
 
 
 @C.declare_static("aoptlr", "num_lrc", "debias", "wd_level", "window", "maximize")
+@nonfinite_option()
 def autosgm(
     learning_rate: Any = 1e-2,
     beta_n: Any = 0.9999,

@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from .. import _common as C
+from ..nonfinite import nonfinite_option
 from . import entropy as E
 from . import qlearning as Q
 
@@ -722,6 +723,7 @@ def scale_by_enhanced_sgd(
     "momentum_scale_bounds", "max_momentum", "spike_recovery_steps", "entropy_bins", "bayesian_init",
     "bayesian_prior_std", init_only=("q_epsilon", "q_initial_mix_prob", "seed"),
 )
+@nonfinite_option(value=True)
 def enhanced_sgd(
     learning_rate: Any = 0.01,
     momentum: Any = 0.9,
@@ -767,6 +769,12 @@ def enhanced_sgd(
     Args:
       lookahead_alpha: slow step size ``α ∈ (0, 1]`` (weight of the fast weights at a sync).
       lookahead_k: sync period ``k ≥ 0``; 0 disables lookahead (the result is the inner transformation).
+
+    The keyword-only option ``nonfinite`` (added by :func:`jaxopt_suite.nonfinite.nonfinite_option`):
+    ``"propagate"`` (default) is EnhancedSGD's own handling, the inner step is skipped (zero update,
+    ``skipped`` advances) when a gradient or the loss is not finite, while the surrounding lookahead still
+    counts the step. ``"skip"``: the whole optimizer, lookahead included, is left bit-identical and the step
+    counts in ``SkipNonFiniteState.skips``. ``"raise"``: ``FloatingPointError`` naming the leaf or the loss.
 
     Extra args: ``value`` (the loss; enables the controller and spike handling), ``grad_mask``; forwarded to
     the inner transformation by lookahead.
