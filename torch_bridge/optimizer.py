@@ -56,8 +56,8 @@ date, the edits kept, and the JAX state is rebuilt from the torch-side state (th
 unpickling and ``copy.deepcopy`` take). A tensor read before a step is a snapshot of then: editing it after
 that step still takes effect (its values are used) with a ``UserWarning``. Group-level entries written by
 the export (e.g. Lookahead's ``lookahead_step``, ``"jax_state"``) are read back only by ``load_state_dict``.
-``state_dict()`` is a snapshot: its per-parameter dicts are copies and later steps never change its
-tensors (torch's state dict holds live references).
+``state_dict()`` is a snapshot: its tensors are copies (torch's state dict holds live references), so that
+an optimizer loading it, which mutates what it loads, cannot edit this one's state.
 
 ``step``, ``zero_grad``, ``state_dict`` and ``load_state_dict`` (and subclasses' overrides) run outside
 ``torch.compile``: dynamo calls them eagerly, so a compiled function may call ``opt.step()`` and a
@@ -1601,12 +1601,13 @@ class JaxOptimizer(torch.optim.Optimizer):
 
     @_eager
     def state_dict(self):
-        """torch's ``state_dict``, a snapshot: its per-parameter dicts are copies and later steps do not change
-        its tensors (torch's hold live references). Editing its tensors in place before the next step edits
-        the optimizer's state, as in torch."""
+        """torch's ``state_dict``, as a snapshot: its tensors are copies, which neither later steps nor edits of
+        ``self.state`` change, and changing them does not change the optimizer (torch's hold live references;
+        a state dict loaded into another optimizer, which mutates it, must not edit this one's state)."""
         self._refresh_state()
         out = super().state_dict()
-        out["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in out["state"].items()}
+        out["state"] = {k: {kk: vv.clone() if torch.is_tensor(vv) else vv for kk, vv in v.items()}
+                        if isinstance(v, dict) else v for k, v in out["state"].items()}
         return out
 
     @_eager
