@@ -55,7 +55,8 @@ counters; at ``step()``, if one was reassigned or changed in place, the other sn
 date, the edits kept, and the JAX state is rebuilt from the torch-side state (the path ``load_state_dict``,
 unpickling and ``copy.deepcopy`` take). A tensor read before a step is a snapshot of then: editing it after
 that step still takes effect (its values are used) with a ``UserWarning``. Group-level entries written by
-the export (e.g. Lookahead's ``lookahead_step``, ``"jax_state"``) are read back only by ``load_state_dict``.
+the export (e.g. Lookahead's ``lookahead_step``, ``"jax_state"``) are not watched: they are read back when
+the JAX state is rebuilt (``load_state_dict``, or an edit of some parameter's state).
 ``state_dict()`` is a snapshot: its tensors are copies (torch's state dict holds live references), so that
 an optimizer loading it, which mutates what it loads, cannot edit this one's state.
 
