@@ -60,7 +60,7 @@ from . import _validate as V
 from . import dlpack
 from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _FlatBuffer, _flat_candidate, _exclude_overlaps,
-                        _NeedsRebuild, jax_shapes, raise_if_nonfinite)
+                        _NeedsRebuild, jax_shapes, param_labels, raise_if_nonfinite)
 
 __all__ = ["ELRA", "ElraOptimizer", "ElraGradScaler"]
 
@@ -120,8 +120,15 @@ _optimizer._INIT_FUNCTIONS.append(_bridge_init)
 class _SimpleLeaves:
     """Tensors that cannot be packed: imported one by one at every step."""
 
-    def __init__(self, params):
+    def __init__(self, params, labels):
         self.params = params
+        self.labels = labels
+
+    def check_sparse(self, opt):
+        for p, label in zip(self.params, self.labels):
+            if p.grad is not None and p.grad.layout != torch.strided:
+                raise RuntimeError(f"{type(opt).__name__}: {label} has a sparse gradient (layout {p.grad.layout}); "
+                                   "torch_bridge optimizers take dense gradients only")
 
     def jax_params(self):
         return [dlpack.to_jax(p) for p in self.params]
@@ -165,9 +172,12 @@ class _SimpleLeaves:
 class _FlatLeaves:
     """One flat buffer (one dtype/device): a single JAX leaf aliasing the torch buffer."""
 
-    def __init__(self, params):
-        self.buf = _FlatBuffer(params, elementwise=False)
+    def __init__(self, params, labels):
+        self.buf = _FlatBuffer(params, elementwise=False, labels=labels)
         self.params = params
+
+    def check_sparse(self, opt):
+        self.buf.check_sparse(opt)
 
     def jax_params(self):
         return self.buf.jp
@@ -345,9 +355,9 @@ class ELRA(JaxOptimizer):
             by_kind: dict = {}
             for p in params:
                 by_kind.setdefault((p.dtype, p.device), []).append(p)
-            out = [_FlatLeaves(ps) for ps in by_kind.values()]
+            out = [_FlatLeaves(ps, param_labels(self.param_groups, ps)) for ps in by_kind.values()]
         else:
-            out = [_SimpleLeaves(params)]
+            out = [_SimpleLeaves(params, param_labels(self.param_groups, params))]
         return out
 
     def _jax_params(self):
@@ -443,6 +453,8 @@ class ELRA(JaxOptimizer):
         if not self._order:
             raise ValueError("ELRA has no trainable parameters")
         with torch.no_grad():
+            for lv in self._leaves:
+                lv.check_sparse(self)
             try:
                 for lv in self._leaves:
                     lv.sync_grads()

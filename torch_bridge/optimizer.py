@@ -7,12 +7,25 @@ How a step works (flat path, the default)
 -----------------------------------------
 * Per param group and per (dtype, device), the parameters are packed into one flat torch buffer; each
   parameter is a segment padded with zeros to 64 bytes (:class:`jaxopt_suite.FlatLayout`). ``p.data``
-  and ``p.grad`` are re-pointed to views of the flat parameter and gradient buffers (``id(p)`` does not
-  change), and both buffers are imported into JAX once.
-* A post-accumulate-grad hook marks each parameter whose gradient was received since the last
-  ``zero_grad()``; a parameter without a mark is "logically None" and skipped exactly as torch skips a
-  parameter whose ``.grad`` is None (no decay, no state change, per-parameter step counts). The one
-  visible difference: such a ``.grad`` reads as zeros instead of None.
+  is re-pointed to a view of the flat parameter buffer (``id(p)`` does not change); a flat gradient buffer
+  of the same layout holds the gradients the step reads. Both buffers are imported into JAX once.
+* Gradients follow torch exactly: a parameter is stepped iff ``p.grad is not None`` at ``step()``, and
+  ``p.grad`` is None wherever torch leaves it None (before the first backward, after
+  ``zero_grad(set_to_none=True)``, for parameters that got no gradient). A parameter whose ``.grad`` is
+  None is skipped as torch skips it (no decay, no state change, per-parameter step counts); the mask is
+  read from ``p.grad`` at each step, so every way of producing gradients counts: backward (with
+  accumulation over micro-batches), ``p.grad = g``, in-place ``p.grad.copy_/add_``, ``autograd.grad`` or
+  ``torch.func`` results, GradScaler's unscale, ``clip_grad_norm_``, DDP's views.
+* At ``step()`` each non-None ``.grad`` that is not already its segment of the flat gradient buffer (same
+  data pointer, dtype, shape and strides) is copied in, all together with one ``torch._foreach_copy_``,
+  and ``p.grad`` is re-pointed to its segment (values unchanged). Cost: at most one copy of the gradients
+  per step. The default loop ``zero_grad(); backward(); step()`` pays it (torch allocates fresh ``.grad``
+  tensors after ``set_to_none=True``); accumulation into a ``.grad`` that already is a segment -- the
+  second micro-batch, ``zero_grad(set_to_none=False)`` -- is zero-copy, and so is a ``.grad`` assigned once
+  and then edited in place.
+* Sparse gradients raise ``RuntimeError`` at ``step()``, naming the parameter, before any parameter
+  changes. A tensor hook per trainable parameter notes a sparse gradient even when autograd accumulates it
+  into a dense ``.grad`` (which would densify it silently); it only reads the layout.
 * While every segment of a buffer is stepped together (and the optimizer is elementwise) the buffer runs
   in *uniform mode*: the flat buffer is an ordinary one-leaf pytree. The first time some parameter is
   skipped, the buffer switches for good to *segment mode*: the factory gets ``segments=FlatLayout`` and a
@@ -31,10 +44,25 @@ for an optimizer that is not elementwise, use the *simple path*: a per-parameter
 each step and written back with ``copy_`` (same results, slower with many tensors). ``flat=False``
 forces it.
 
-The JAX state is a cache: ``self.state`` (and ``state_dict()``) show torch-format snapshots refreshed
-lazily after each step, and after ``load_state_dict``, unpickling or ``copy.deepcopy`` the torch-side
-state is authoritative and the JAX state is rebuilt from it. Write to the state through
-``load_state_dict``: writes into ``self.state[p]`` are not propagated.
+The JAX state is a cache; the torch-side state is what users see and edit. ``self.state[p]`` shows a
+torch-format snapshot of ``p``'s state, refreshed lazily on read after a step (reading ``state[p]`` copies
+``p``'s state once; iterating over ``self.state`` or ``state_dict()`` refreshes every entry). Each
+parameter's entry dict stays the same object across refreshes, its tensors are fresh copies. Edits take
+effect at the next step, as in torch: assigning ``state[p][key] = t``, in-place edits of a tensor read from
+it (``state[p]["exp_avg"].zero_()``), deleting an entry (the parameter starts afresh) or replacing
+``self.state`` altogether. At export the bridge remembers the objects it handed out and their ``_version``
+counters; at ``step()``, if one was reassigned or changed in place, the other snapshots are brought up to
+date, the edits kept, and the JAX state is rebuilt from the torch-side state (the path ``load_state_dict``,
+unpickling and ``copy.deepcopy`` take). A tensor read before a step is a snapshot of then: editing it after
+that step still takes effect (its values are used) with a ``UserWarning``. Group-level entries written by
+the export (e.g. Lookahead's ``lookahead_step``, ``"jax_state"``) are not watched: they are read back when
+the JAX state is rebuilt (``load_state_dict``, or an edit of some parameter's state).
+``state_dict()`` is a snapshot: its tensors are copies (torch's state dict holds live references), so that
+an optimizer loading it, which mutates what it loads, cannot edit this one's state.
+
+``step``, ``zero_grad``, ``state_dict`` and ``load_state_dict`` (and subclasses' overrides) run outside
+``torch.compile``: dynamo calls them eagerly, so a compiled function may call ``opt.step()`` and a
+compiled model trains with the bridge.
 
 ``load_state_dict`` checks the loaded state before anything is replaced (:func:`validate_loaded_state`, one
 check for every class: each class only describes what it keeps, :meth:`JaxOptimizer._load_spec`; the generic
@@ -476,16 +504,59 @@ def validate_loaded_state(opt, state, param_groups) -> None:
 
 
 class _Buffer:
-    """Common part of flat and simple buffers: params, host-side marks, JAX state and its torch view."""
+    """Common part of flat and simple buffers: params, per-step grad marks, JAX state and its torch view."""
 
     flat: bool = False
 
-    def __init__(self, params: list[torch.Tensor]):
+    def __init__(self, params: list[torch.Tensor], labels: Optional[list[str]] = None, watch: bool = True):
         self.params = params
-        self.stepped = np.zeros(len(params), dtype=bool)  # has torch-side state
+        n = len(params)
+        self.labels = labels or [f"parameter {i} (shape {tuple(p.shape)})" for i, p in enumerate(params)]
+        self.stepped = np.zeros(n, dtype=bool)  # has torch-side state
+        self.marks = np.zeros(n, dtype=bool)  # ``p.grad is not None`` at this step (set by sync_grads)
+        self.sparse_seen = np.zeros(n, dtype=bool)  # a sparse gradient arrived since the last zero_grad
         self.state = None  # JAX state (cache); None = rebuild from torch state
         self.spec: Optional[StepSpec] = None
-        self.stale = False  # torch-side snapshot older than the JAX state
+        self.stale_idx = np.zeros(n, dtype=bool)  # per param: torch-side snapshot older than the JAX state
+        # i -> (entry dict, {key: (value, value._version or None)}) as the last export handed them out
+        self.handed: dict = {}
+        self._export_cache = None  # (state, per-param fields, host views) of the last export; dropped at step
+        self.hooks = _watch_sparse(self, params) if watch else []
+
+    @property
+    def stale(self) -> bool:
+        """Some torch-side snapshot is older than the JAX state."""
+        return bool(self.stale_idx.any())
+
+    @stale.setter
+    def stale(self, value: bool) -> None:
+        self.stale_idx[:] = bool(value)
+
+    def release(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        self._export_cache = None
+
+    def forget_jax_state(self, opt: "JaxOptimizer") -> None:
+        """The torch-side state (``opt.state``) is authoritative: the JAX state is rebuilt from it at the next step."""
+        self.state, self.spec, self._export_cache = None, None, None
+        self.stale, self.handed = False, {}
+        self.stepped = np.array([bool(dict.get(opt.state, p)) for p in self.params], dtype=bool)
+
+    # ---- grads ------------------------------------------------------------------------------
+    def check_sparse(self, opt: "JaxOptimizer") -> None:
+        """Raise for a parameter with a sparse ``.grad`` or one that received a sparse gradient (then
+        densified by accumulation into a dense ``.grad``) since the last ``zero_grad()``."""
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is not None and (g.layout != torch.strided or self.sparse_seen[i]):
+                how = (f"a sparse gradient (layout {g.layout})" if g.layout != torch.strided else
+                       "a sparse gradient since the last zero_grad() (accumulated into its dense .grad)")
+                raise RuntimeError(
+                    f"{type(opt).__name__ if opt is not None else 'torch_bridge'}: {self.labels[i]} has {how}; torch_bridge optimizers take dense "
+                    "gradients only and never densify a sparse one (use a dense gradient, e.g. "
+                    "nn.Embedding(..., sparse=False), or torch.optim.SparseAdam for this parameter)")
 
     # ---- state conversion -------------------------------------------------------------------
     def _params_def(self):
@@ -497,37 +568,107 @@ class _Buffer:
     def _classify(self, leaf) -> str:
         raise NotImplementedError
 
-    def export(self, opt: "JaxOptimizer", group: dict) -> None:
-        """Write torch-format snapshots of the JAX state into ``opt.state`` (and global leaves into group)."""
+    def _value_to_torch(self, opt, key, sub, i, host_cache):
+        raise NotImplementedError
+
+    def _edited(self, opt: "JaxOptimizer", i: int) -> bool:
+        """Whether ``opt.state[p_i]`` differs from what the last export handed out: the entry replaced or
+        removed, a key assigned, added or deleted, or a tensor changed in place (its ``_version`` moved)."""
+        entry, recorded = self.handed[i]
+        cur = dict.get(opt.state, self.params[i])
+        if cur is not entry or len(cur) != len(recorded):
+            return True
+        for key, (value, version) in recorded.items():
+            now = cur.get(key, _MISSING)
+            if now is not value or (version is not None and now._version != version):
+                return True
+        return False
+
+    def absorb_torch_edits(self, opt: "JaxOptimizer", group: dict, indices=None) -> bool:
+        """Make edits of ``opt.state`` (see :meth:`_edited`) take effect: the other snapshots are brought up
+        to date, the edits kept, and the JAX state is rebuilt from the torch-side state at the next step
+        (the path ``load_state_dict`` takes). Returns whether there were edits."""
+        if self.state is None or not self.handed:
+            return False
+        candidates = self.handed if indices is None else [i for i in indices if i in self.handed]
+        edited = [i for i in candidates if self._edited(opt, i)]
+        if not edited:
+            return False
+        if any(self.stale_idx[i] for i in edited):
+            _warn_user(f"{type(opt).__name__}: the state of {self.labels[edited[0]]} was edited on a snapshot "
+                       "read before the last step(); the edited values are used as they are (read "
+                       "optimizer.state[p] after step() to edit the current state)")
+        kept = {}
+        for i in edited:
+            entry, recorded = self.handed[i]
+            cur = dict.get(opt.state, self.params[i])
+            if not cur:
+                kept[i] = None  # entry removed or emptied: the parameter starts afresh, as in torch
+                continue
+            changes = {k: v for k, v in cur.items()
+                       if k not in recorded or recorded[k][0] is not v
+                       or (recorded[k][1] is not None and v._version != recorded[k][1])}
+            kept[i] = (changes, [k for k in recorded if k not in cur])
+        self._export(opt, group, None)  # every other snapshot up to date (the edited keys are put back below)
+        for i, k in kept.items():
+            p = self.params[i]
+            if k is None:
+                dict.pop(opt.state, p, None)
+                continue
+            changes, removed = k
+            entry = dict.get(opt.state, p)
+            if entry is None:
+                entry = {}
+                dict.__setitem__(opt.state, p, entry)
+            entry.update(changes)
+            for key in removed:
+                entry.pop(key, None)
+        self.forget_jax_state(opt)
+        return True
+
+    def export(self, opt: "JaxOptimizer", group: dict, only: Optional[int] = None) -> None:
+        """Write torch-format snapshots of the JAX state into ``opt.state`` (and global leaves into group):
+        every stale parameter, or parameter ``only``. Edits of a stale snapshot are absorbed first."""
         if self.state is None:
             self.stale = False
             return
-        walked = _walk_state(self.state, self._params_def())
-        names = opt._field_names(walked)
-        per_param = [(names[path], sub) for path, sub, pp in walked if pp and names[path] is not None]
-        host_cache = {}
-        for i, p in enumerate(self.params):
-            if not self.stepped[i]:
-                dict.pop(opt.state, p, None)
+        idx = range(len(self.params)) if only is None else (only,)
+        if self.handed and any(self.stale_idx[i] and i in self.handed and self._edited(opt, i) for i in idx):
+            self.absorb_torch_edits(opt, group)
+            return
+        self._export(opt, group, only)
+
+    def _export(self, opt, group, only):
+        if self.state is None:
+            self.stale = False
+            return
+        cache = self._export_cache
+        if cache is None or cache[0] is not self.state:
+            walked = _walk_state(self.state, self._params_def())
+            names = opt._field_names(walked)
+            per_param = [(names[path], sub) for path, sub, pp in walked if pp and names[path] is not None]
+            cache = self._export_cache = (self.state, per_param, {})
+            opt._export_global(group, [(path, leaf) for path, leaf, pp in walked if not pp])
+        _, per_param, host_cache = cache
+        for i in (range(len(self.params)) if only is None else (only,)):
+            if not self.stale_idx[i]:
                 continue
-            entry = {}
-            for key, sub in per_param:
-                leaf = sub[0] if self.flat else sub[i]
-                kind = self._classify(leaf, i)
-                if kind == "element":
-                    entry[key] = self._element_to_torch(leaf, i, host_cache)
-                else:
-                    if id(leaf) not in host_cache:
-                        host_cache[id(leaf)] = np.asarray(leaf)
-                    host = host_cache[id(leaf)]
-                    value = host if kind == "scalar" else host[i]
-                    entry[key] = opt._state_value_to_torch(key, value, p)
-            if entry:
-                dict.__setitem__(opt.state, p, entry)
-            else:
+            self.stale_idx[i] = False
+            p = self.params[i]
+            entry = {key: self._value_to_torch(opt, key, sub, i, host_cache) for key, sub in per_param} \
+                if self.stepped[i] else {}
+            if not entry:
                 dict.pop(opt.state, p, None)
-        opt._export_global(group, [(path, leaf) for path, leaf, pp in walked if not pp])
-        self.stale = False
+                self.handed.pop(i, None)
+                continue
+            cur = dict.get(opt.state, p)
+            if isinstance(cur, dict):  # the entry dict stays the same object (references to it stay current)
+                cur.clear()
+                cur.update(entry)
+                entry = cur
+            else:
+                dict.__setitem__(opt.state, p, entry)
+            self.handed[i] = (entry, {k: (v, v._version if torch.is_tensor(v) else None) for k, v in entry.items()})
 
     def _element_to_torch(self, leaf, i, host_cache):
         raise NotImplementedError
@@ -561,8 +702,8 @@ class _FlatBuffer(_Buffer):
 
     flat = True
 
-    def __init__(self, params, elementwise: bool, write_back: str = "copy"):
-        super().__init__(params)
+    def __init__(self, params, elementwise: bool, write_back: str = "copy", labels=None):
+        super().__init__(params, labels)
         self.write_back = write_back
         dtype, device = params[0].dtype, params[0].device
         self.elementwise = elementwise
@@ -570,10 +711,10 @@ class _FlatBuffer(_Buffer):
         total = self.layout.total
         self.flat_p = torch.zeros(total, dtype=dtype, device=device)
         self.flat_g = torch.zeros(total, dtype=dtype, device=device)
-        self.marks = np.zeros(len(params), dtype=bool)
-        self.pviews, self.gviews, self.ptrs, self.hooks = [], [], [], []
+        self.filled = np.zeros(len(params), dtype=bool)  # segment of flat_g may hold non-zero values
+        self.aliased: list = [None] * len(params)  # weakref to the .grad tensor moved onto segment i (_alias)
+        self.pviews, self.gviews, self.ptrs = [], [], []
         self.mode = "uniform" if elementwise else "segment"
-        ref = weakref.ref(self)
         with torch.no_grad():
             for i, p in enumerate(params):
                 off, n = self.layout.offsets[i], self.layout.numels[i]
@@ -581,13 +722,6 @@ class _FlatBuffer(_Buffer):
                 gv = self.flat_g[off:off + n].view(p.shape)
                 pv.copy_(p.detach())
                 p.data = pv
-                if p.grad is not None:
-                    _check_grad(p.grad)
-                    gv.copy_(p.grad)
-                    self.marks[i] = True
-                if p.requires_grad:
-                    p.grad = gv
-                    self.hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_mark_hook, ref, i)))
                 self.pviews.append(pv)
                 self.gviews.append(gv)
                 self.ptrs.append(pv.data_ptr())
@@ -611,11 +745,6 @@ class _FlatBuffer(_Buffer):
                 p.data = pv
                 self.pviews[i] = pv
                 self.ptrs[i] = pv.data_ptr()
-
-    def release(self):
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
 
     def jax_params(self):
         return self.jp
@@ -667,38 +796,116 @@ class _FlatBuffer(_Buffer):
         vec[:n] = np.asarray(values).astype(host.dtype).reshape(n, *host.shape[1:])
         return [jnp.asarray(vec)]
 
-    def sync_grads(self):
-        """Detect replaced / None grads and moved params before a step (O(#params) identity checks)."""
+    def _value_to_torch(self, opt, key, sub, i, host_cache):
+        leaf = sub[0]
+        kind = self._classify(leaf, i)
+        if kind == "element":
+            return self._element_to_torch(leaf, i, host_cache)
+        if id(leaf) not in host_cache:
+            host_cache[id(leaf)] = np.asarray(leaf)
+        host = host_cache[id(leaf)]
+        return opt._state_value_to_torch(key, host if kind == "scalar" else host[i], self.params[i])
+
+    def sync_grads(self, opt=None):
+        """Before a step: ``marks[i] = p.grad is not None``; put every such gradient into the flat grad
+        buffer; detect moved params.
+
+        A ``.grad`` that already is (or aliases) its segment costs nothing. The others (fresh tensors from a
+        backward after ``zero_grad(set_to_none=True)``, assigned ``p.grad = g``...) are copied in with one
+        ``torch._foreach_copy_`` and then moved onto their segment (:meth:`_alias`), so that later
+        accumulation (micro-batches, ``zero_grad(set_to_none=False)``) lands in the buffer directly. A None
+        grad keeps its segment at zero (ELRA reads the whole buffer).
+        """
+        if self.sparse_seen.any():
+            self.check_sparse(opt)
+        dsts, srcs, where, rebuild = [], [], [], False
         with torch.no_grad():
             for i, p in enumerate(self.params):
-                g = p.grad
-                if g is not self.gviews[i]:
-                    if g is None:
-                        if self.marks[i] or p.requires_grad:
-                            self.gviews[i].zero_()
-                        self.marks[i] = False
-                    else:
-                        _check_grad(g)
-                        self.gviews[i].copy_(g)
-                        p.grad = self.gviews[i]
-                        self.marks[i] = True
                 if p.data_ptr() != self.ptrs[i]:
                     if p.shape != self.pviews[i].shape or p.dtype != self.flat_p.dtype or p.device != self.flat_p.device:
-                        raise _NeedsRebuild()
+                        rebuild = True
+                        continue
                     self.pviews[i].copy_(p.detach())
                     p.data = self.pviews[i]
+                g = p.grad
+                if self.aliased[i] is not None:
+                    self._release_alias(i, g)
+                if g is None:
+                    self.marks[i] = False
+                    if self.filled[i]:
+                        self.gviews[i].zero_()
+                        self.filled[i] = False
+                else:
+                    self.marks[i] = True
+                    gv = self.gviews[i]
+                    if g is not gv:
+                        if g.layout != torch.strided:
+                            self.check_sparse(opt)
+                        if (g.data_ptr() != gv.data_ptr() or g.dtype != gv.dtype or g.shape != gv.shape
+                                or g.stride() != gv.stride()):
+                            dsts.append(gv)
+                            srcs.append(g)
+                            where.append(i)
+                    self.filled[i] = True
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+                self._alias(srcs, list(zip(dsts, where)))
+        if rebuild:
+            raise _NeedsRebuild()
+
+    def _release_alias(self, i: int, grad) -> None:
+        """A tensor moved onto segment ``i`` that is no longer ``p.grad`` (``zero_grad()``, ``p.grad = ...``)
+        but is still referenced gets its own memory back before the segment is rewritten: the bridge never
+        changes a tensor that torch would no longer touch. (A view of it taken by user code is not tracked.)"""
+        ref = self.aliased[i]
+        a = ref()
+        if a is None:
+            self.aliased[i] = None
+        elif a is not grad:
+            self.aliased[i] = None
+            if a.data_ptr() == self.gviews[i].data_ptr():
+                a.set_(a.clone())
+
+    def _alias(self, grads, views) -> None:
+        """Move each copied ``.grad`` tensor onto its segment (``set_``: same object, so ``p.grad is g`` holds
+        and user references to it stay torch's aliases), so that the next accumulation into it is zero-copy.
+        Views, tensors in the graph (create_graph) and tensors already in the flat buffer are left as they
+        are (they are copied at each step)."""
+        storage = self.flat_g.untyped_storage().data_ptr()
+        seen = set()
+        for g, (gv, i) in zip(grads, views):
+            if (g._base is not None or g.requires_grad or id(g) in seen
+                    or g.untyped_storage().data_ptr() == storage):
+                continue
+            seen.add(id(g))
+            try:
+                g.set_(gv)
+            except RuntimeError:  # e.g. a tensor made by .detach() / .data: set_ is not allowed on it
+                continue
+            self.aliased[i] = weakref.ref(g)
 
     def zero_grad(self, set_to_none: bool):
+        """torch's ``zero_grad``: None grads (set_to_none) or zeroed ones; the segments that alias a ``.grad``
+        are zeroed with one fill of the flat buffer, other ``.grad`` tensors in place as torch does."""
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                if p.grad is not self.gviews[i]:
-                    if p.requires_grad:
-                        p.grad = self.gviews[i]
-                    elif p.grad is not None:
+            if set_to_none:
+                for p in self.params:
+                    if p.grad is not None:
                         p.grad = None
-            self.flat_g.zero_()
-        if set_to_none:
-            self.marks[:] = False
+            else:
+                for i, p in enumerate(self.params):
+                    g = p.grad
+                    if self.aliased[i] is not None:
+                        self._release_alias(i, g)
+                    if g is not None and g is not self.gviews[i] and g.data_ptr() != self.gviews[i].data_ptr():
+                        if g.grad_fn is not None:
+                            g.detach_()
+                        else:
+                            g.requires_grad_(False)
+                        g.zero_()
+                self.flat_g.zero_()
+                self.filled[:] = False
+        self.sparse_seen[:] = False
 
     def step(self, opt, group, entry_name, static, hyper, value, flag=None):
         if not self.marks.any():
@@ -719,6 +926,7 @@ class _FlatBuffer(_Buffer):
                 self.state = self.build_state(opt, group, hyper, spec, self.device)
         if self.scratch is None:
             self.scratch = [jax.device_put(jnp.zeros_like(self.jp[0]), self.device)]
+        self._export_cache = None  # torch views of the state would make its donation fall back to a copy
         mask = None if self.mode == "uniform" else [np.append(self.marks, True)]
         new_p, self.state = _compiled_step(self.scratch, self.state, self.jp, self.jg, hyper, mask, value, flag,
                                            spec=spec)
@@ -732,7 +940,7 @@ class _FlatBuffer(_Buffer):
             del view  # a live torch view would make the next donation silently fall back to a copy
             self.scratch = new_p
         self.stepped |= self.marks
-        self.stale = True
+        self.stale_idx |= self.marks
 
 
 class _SimpleBuffer(_Buffer):
@@ -740,8 +948,8 @@ class _SimpleBuffer(_Buffer):
 
     flat = False
 
-    def __init__(self, params):
-        super().__init__(params)
+    def __init__(self, params, labels=None, watch: bool = True):
+        super().__init__(params, labels, watch)
         self.device = None
         self._zeros = {}
         if len(params) >= SIMPLE_PATH_WARN_LEAVES:
@@ -751,41 +959,19 @@ class _SimpleBuffer(_Buffer):
                 stacklevel=4,
             )
 
-    def release(self):
-        pass
-
     def jax_params(self):
         return [dlpack.to_jax(p) for p in self.params]
 
     def nbytes(self) -> int:
         return sum(int(x.nbytes) for x in jax.tree.leaves(self.state))
 
-    def export(self, opt, group):
-        if self.state is None:
-            self.stale = False
-            return
-        walked = _walk_state(self.state, self._params_def())
-        names = opt._field_names(walked)
-        per_param = [(names[path], sub) for path, sub, pp in walked if pp and names[path] is not None]
-        for i, p in enumerate(self.params):
-            if not self.stepped[i]:
-                dict.pop(opt.state, p, None)
-                continue
-            entry = {}
-            for key, sub in per_param:
-                leaf = sub[i]
-                scalar = leaf.ndim == 0 and (p.dim() != 0 or opt._is_scalar_key(key)
-                                             or not jnp.issubdtype(leaf.dtype, jnp.floating))
-                if scalar:
-                    entry[key] = opt._state_value_to_torch(key, np.asarray(leaf), p)
-                else:
-                    entry[key] = dlpack.to_torch(leaf).clone()
-            if entry:
-                dict.__setitem__(opt.state, p, entry)
-            else:
-                dict.pop(opt.state, p, None)
-        opt._export_global(group, [(path, leaf) for path, leaf, pp in walked if not pp])
-        self.stale = False
+    def _value_to_torch(self, opt, key, sub, i, host_cache):
+        leaf, p = sub[i], self.params[i]
+        scalar = leaf.ndim == 0 and (p.dim() != 0 or opt._is_scalar_key(key)
+                                     or not jnp.issubdtype(leaf.dtype, jnp.floating))
+        if scalar:
+            return opt._state_value_to_torch(key, np.asarray(leaf), p)
+        return dlpack.to_torch(leaf).clone()
 
     def _fill_field(self, sub, key, presence, torch_states):
         out = []
@@ -806,10 +992,14 @@ class _SimpleBuffer(_Buffer):
                     out.append(leaf)
         return out
 
-    def sync_grads(self):
-        for p in self.params:
-            if p.grad is not None:
-                _check_grad(p.grad)
+    def sync_grads(self, opt=None):
+        if self.sparse_seen.any():
+            self.check_sparse(opt)
+        for i, p in enumerate(self.params):
+            g = p.grad
+            self.marks[i] = g is not None
+            if g is not None and g.layout != torch.strided:
+                self.check_sparse(opt)
 
     def zero_grad(self, set_to_none: bool):
         for p in self.params:
@@ -822,9 +1012,10 @@ class _SimpleBuffer(_Buffer):
                     else:
                         p.grad.requires_grad_(False)
                     p.grad.zero_()
+        self.sparse_seen[:] = False
 
     def step(self, opt, group, entry_name, static, hyper, value, flag=None):
-        mask_host = [p.grad is not None for p in self.params]
+        mask_host = list(self.marks)
         if not any(mask_host):
             return
         if self.device is None:
@@ -847,13 +1038,14 @@ class _SimpleBuffer(_Buffer):
                     self._zeros[key] = jax.device_put(jnp.zeros(p.shape, dlpack.to_jax(p).dtype), self.device)
                 grads_j.append(self._zeros[key])
         mask = [np.bool_(m) for m in mask_host]
+        self._export_cache = None
         new_p, self.state = _compiled_step(None, self.state, params_j, grads_j, hyper, mask, value, flag, spec=spec)
         with torch.no_grad():
             for p, new, has in zip(self.params, new_p, mask_host):
                 if has:
                     p.copy_(dlpack.to_torch(new))
-        self.stepped |= np.asarray(mask_host)
-        self.stale = True
+        self.stepped |= self.marks
+        self.stale_idx |= self.marks
 
 
 class _NeedsSegmentMode(Exception):
@@ -864,15 +1056,23 @@ class _NeedsRebuild(Exception):
     pass
 
 
-def _mark_hook(buffer_ref, index, tensor):
-    buf = buffer_ref()
-    if buf is not None and index < len(buf.params) and buf.params[index] is tensor:
-        buf.marks[index] = True
+_MISSING = object()
 
 
-def _check_grad(grad: torch.Tensor) -> None:
-    if grad.is_sparse:
-        raise RuntimeError("torch_bridge optimizers do not support sparse gradients")
+def _note_sparse(buffer_ref, index, grad):
+    if grad.layout != torch.strided:
+        buf = buffer_ref()
+        if buf is not None and index < len(buf.sparse_seen):
+            buf.sparse_seen[index] = True
+
+
+def _watch_sparse(buf, params) -> list:
+    """A tensor hook per trainable parameter that notes sparse gradients (they would be densified silently
+    when accumulated into a dense ``.grad``); it only reads the layout and never changes the gradient. Which
+    parameters are stepped is decided from ``p.grad is not None`` alone."""
+    ref = weakref.ref(buf)
+    return [p.register_hook(functools.partial(_note_sparse, ref, i)) for i, p in enumerate(params)
+            if p.requires_grad]
 
 
 def _as_tensor(value, index: int, param: torch.Tensor) -> torch.Tensor:
@@ -930,27 +1130,60 @@ def _host_of_torch(value, dtype) -> np.ndarray:
 
 
 class _LazyState(collections.defaultdict):
-    """``optimizer.state``: a defaultdict whose values are refreshed from the JAX state on read."""
+    """``optimizer.state``: a defaultdict whose values are refreshed from the JAX state on read (``state[p]``
+    refreshes ``p``'s entry only, iteration all of them)."""
 
     def __init__(self, owner, data=()):
         super().__init__(dict, data)
         self._owner = weakref.ref(owner)
 
-    def _refresh(self):
+    def _refresh(self, key=_MISSING):
         owner = self._owner()
         if owner is not None:
-            owner._refresh_state()
+            if key is _MISSING or not hasattr(owner, "_refresh_entry"):
+                owner._refresh_state()
+            else:
+                owner._refresh_entry(key)
 
     def get_raw(self, key, default=None):
         return dict.get(self, key, default)
 
     def __getitem__(self, key):
-        self._refresh()
+        self._refresh(key)
         return super().__getitem__(key)
 
     def get(self, key, default=None):
-        self._refresh()
+        self._refresh(key)
         return super().get(key, default)
+
+    # writes refresh the entry first, so that the bridge knows what it replaces (see JaxOptimizer.step)
+    def __setitem__(self, key, value):
+        self._refresh(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._refresh(key)
+        super().__delitem__(key)
+
+    def pop(self, key, *default):
+        self._refresh(key)
+        return super().pop(key, *default)
+
+    def setdefault(self, key, default=None):
+        self._refresh(key)
+        return super().setdefault(key, default)
+
+    def popitem(self):
+        self._refresh()
+        return super().popitem()
+
+    def clear(self):
+        self._refresh()
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        self._refresh()
+        super().update(*args, **kwargs)
 
     def items(self):
         self._refresh()
@@ -973,7 +1206,7 @@ class _LazyState(collections.defaultdict):
         return super().__len__()
 
     def __contains__(self, key):
-        self._refresh()
+        self._refresh(key)
         return super().__contains__(key)
 
     def __repr__(self):
@@ -1004,12 +1237,26 @@ class _GroupRuntime:
         self.params_list = group["params"]  # the group's list object (identity check per step)
         self.param_ids = [id(p) for p in group["params"]]
         self.buffers = buffers
+        self.where = {id(p): (buf, i) for buf in buffers for i, p in enumerate(buf.params)}
 
     def matches(self, group) -> bool:
         params = group["params"]
         if params is self.params_list and len(params) == len(self.param_ids):
             return True
         return self.param_ids == [id(p) for p in params]
+
+
+def _eager(fn):
+    """Run ``fn`` outside ``torch.compile``: dynamo calls it eagerly (a graph break) instead of tracing the JAX
+    step, as torch does for its own ``zero_grad`` / ``state_dict``."""
+    if getattr(fn, "_torch_bridge_eager", False):
+        return fn
+    out = torch.compiler.disable(fn)
+    out._torch_bridge_eager = True
+    return out
+
+
+_EAGER_METHODS = ("step", "zero_grad", "state_dict", "load_state_dict")
 
 
 class JaxOptimizer(torch.optim.Optimizer):
@@ -1069,6 +1316,13 @@ class JaxOptimizer(torch.optim.Optimizer):
         self._init_runtime()
         super().__init__(params, {**dict(defaults), "nonfinite": check_nonfinite(nonfinite)})
         self.state = _LazyState(self, dict.items(self.state))
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in _EAGER_METHODS:  # subclasses' overrides (ELRA.step...) run outside torch.compile too
+            fn = cls.__dict__.get(name)
+            if callable(fn) and not getattr(fn, "hooked", False):
+                setattr(cls, name, _eager(fn))
 
     # ---- subclass hooks -----------------------------------------------------------------------
     def _entry_for_group(self, group: Mapping[str, Any]):
@@ -1283,6 +1537,11 @@ class JaxOptimizer(torch.optim.Optimizer):
         _, supports_segments = entry_info(self._entry_for_group(group))
         flat_ok = [self.flat and supports_segments and _flat_candidate(p) for p in params]
         _exclude_overlaps(params, flat_ok)
+        label = dict(zip(map(id, params), param_labels(self.param_groups, params)))
+
+        def labels(ps):
+            return [label[id(p)] for p in ps]
+
         buffers = []
         if self.elementwise:
             by_kind = collections.OrderedDict()
@@ -1290,16 +1549,18 @@ class JaxOptimizer(torch.optim.Optimizer):
                 if ok:
                     by_kind.setdefault((p.dtype, p.device), []).append(p)
             for plist in by_kind.values():
-                buffers.append(_FlatBuffer(plist, elementwise=True, write_back=self.write_back))
+                buffers.append(_FlatBuffer(plist, elementwise=True, write_back=self.write_back,
+                                           labels=labels(plist)))
             rest = [p for p, ok in zip(params, flat_ok) if not ok]
             if rest:
-                buffers.append(_SimpleBuffer(rest))
+                buffers.append(_SimpleBuffer(rest, labels(rest)))
         else:
             kinds = {(p.dtype, p.device) for p in params}
             if params and all(flat_ok) and len(kinds) == 1:
-                buffers.append(_FlatBuffer(params, elementwise=False, write_back=self.write_back))
+                buffers.append(_FlatBuffer(params, elementwise=False, write_back=self.write_back,
+                                           labels=labels(params)))
             elif params:
-                buffers.append(_SimpleBuffer(params))
+                buffers.append(_SimpleBuffer(params, labels(params)))
         for buf in buffers:
             buf.stepped = np.array([bool(dict.get(self.state, p)) for p in buf.params], dtype=bool)
         return _GroupRuntime(group, buffers)
@@ -1333,12 +1594,33 @@ class JaxOptimizer(torch.optim.Optimizer):
         self._runtime[index] = self._adopt_group(group)
 
     def _refresh_state(self):
+        """Bring every torch-side snapshot up to date (``state_dict``, iteration over ``self.state``...)."""
         if not getattr(self, "_runtime", None):
             return
         for rt, group in zip(self._runtime, self.param_groups):
             for buf in rt.buffers:
                 if buf.stale:
                     buf.export(self, group)
+
+    def _refresh_entry(self, key) -> None:
+        """Bring the snapshot of parameter ``key`` up to date (one copy of its state), or all if not a param."""
+        for rt, group in zip(getattr(self, "_runtime", None) or (), self.param_groups):
+            loc = rt.where.get(id(key))
+            if loc is not None and loc[0].params[loc[1]] is key:
+                buf, i = loc
+                if buf.stale_idx[i]:
+                    buf.export(self, group, only=i)
+                return
+        self._refresh_state()
+
+    def _adopt_torch_state_object(self) -> None:
+        """``self.state`` was replaced by user code (``opt.state = defaultdict(dict)`` resets, as in torch):
+        wrap the new mapping and make it authoritative."""
+        raw = self.state
+        self.state = _LazyState(self, dict.items(raw) if isinstance(raw, Mapping) else raw)
+        for rt in getattr(self, "_runtime", None) or ():
+            for buf in rt.buffers:
+                buf.forget_jax_state(self)
 
     def bridge_nbytes(self) -> int:
         """Bytes of the buffers the bridge owns (flat params and grads, scratch, JAX state)."""
@@ -1356,14 +1638,24 @@ class JaxOptimizer(torch.optim.Optimizer):
         if hasattr(self, "_runtime") and self._runtime_valid and len(self._runtime) == len(self.param_groups) - 1:
             self._runtime.append(self._adopt_group(self.param_groups[-1]))
 
+    @_eager
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``: with ``set_to_none`` (the default) every ``p.grad`` becomes None, and those
+        parameters are skipped by ``step()`` until they get a gradient again; otherwise the grads are zeroed
+        (and stepped)."""
         self._ensure_runtime()
         for rt in self._runtime:
             for buf in rt.buffers:
                 buf.zero_grad(set_to_none)
 
+    @_eager
     def step(self, closure=None, *, value=None):
-        """One optimizer step; returns the closure's loss. ``value=`` passes the loss without a closure."""
+        """One optimizer step; returns the closure's loss. ``value=`` passes the loss without a closure.
+
+        A parameter is stepped iff ``p.grad is not None`` now; a sparse gradient raises ``RuntimeError``
+        naming the parameter before any parameter changes. Edits of ``self.state`` made since the last step
+        take effect here. Runs outside ``torch.compile`` (dynamo skips it: the JAX step is not traceable).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -1371,7 +1663,18 @@ class JaxOptimizer(torch.optim.Optimizer):
         if value is None:
             value = loss
         self._ensure_runtime()
+        if not isinstance(self.state, _LazyState) or self.state._owner() is not self:
+            self._adopt_torch_state_object()
         with torch.no_grad():
+            for index, rt in enumerate(self._runtime):
+                try:
+                    for buf in rt.buffers:
+                        buf.sync_grads(self)
+                except _NeedsRebuild:
+                    self._rebuild_group(index)
+                    for buf in self._runtime[index].buffers:
+                        buf.sync_grads(self)
+            # after sync_grads: the flat gradient buffers hold every gradient (zeros where p.grad is None)
             flags = self._nonfinite_precheck(value)
             for index, (rt, group) in enumerate(zip(self._runtime, self.param_groups)):
                 entry_name = self._entry_for_group(group)
@@ -1384,15 +1687,8 @@ class JaxOptimizer(torch.optim.Optimizer):
                         raise RuntimeError(
                             f"{type(self).__name__} needs the loss: call step(closure) or step(value=loss)")
                     v = float(value)
-                try:
-                    for buf in rt.buffers:
-                        buf.sync_grads()
-                except _NeedsRebuild:
-                    self._rebuild_group(index)
-                    rt = self._runtime[index]
-                    for buf in rt.buffers:
-                        buf.sync_grads()
                 for buf in rt.buffers:
+                    buf.absorb_torch_edits(self, group)
                     buf.step(self, group, entry_name, static, hyper, v,
                              flags.get(index, {}).get(buf.params[0].device))
         return loss
@@ -1407,7 +1703,7 @@ class JaxOptimizer(torch.optim.Optimizer):
         """
         group, spec, hyper = self._checkpoint_group()
         self._refresh_state()
-        tmp = _SimpleBuffer(list(group["params"]))
+        tmp = _SimpleBuffer(list(group["params"]), watch=False)
         tmp.stepped = np.array([bool(dict.get(self.state, p)) for p in tmp.params], dtype=bool)
         device = dlpack.to_jax(tmp.params[0].detach()).devices().pop()
         state = tmp.build_state(self, group, hyper, spec, device)
@@ -1421,7 +1717,7 @@ class JaxOptimizer(torch.optim.Optimizer):
         """
         group, spec, _ = self._checkpoint_group()
         self._refresh_state()
-        tmp = _SimpleBuffer(list(group["params"]))
+        tmp = _SimpleBuffer(list(group["params"]), watch=False)
         walked = _walk_state(state, tmp._params_def())
         names = self._field_names(walked)
         stepped = np.ones(len(tmp.params), dtype=bool)
@@ -1429,12 +1725,12 @@ class JaxOptimizer(torch.optim.Optimizer):
             if per_param and (self._is_presence(path) or self._is_scalar_key(names[path] or "")):
                 stepped &= np.array([np.asarray(x).reshape(-1)[0] > 0 for x in sub], dtype=bool)
         tmp.state, tmp.spec, tmp.stepped = state, spec, stepped
+        tmp.stale = True
         tmp.export(self, group)
         # the torch-side state is now authoritative: every buffer rebuilds its JAX state from it
         for rt in getattr(self, "_runtime", []):
             for buf in rt.buffers:
-                buf.state, buf.spec, buf.stale = None, None, False
-                buf.stepped = np.array([bool(dict.get(self.state, p)) for p in buf.params], dtype=bool)
+                buf.forget_jax_state(self)
 
     def _checkpoint_group(self):
         if len(self.param_groups) != 1:
@@ -1447,10 +1743,18 @@ class JaxOptimizer(torch.optim.Optimizer):
         static = self._static_items(group, policy=False)
         return group, StepSpec(entry_name, static, None), hyper
 
+    @_eager
     def state_dict(self):
+        """torch's ``state_dict``, as a snapshot: its tensors are copies, which neither later steps nor edits of
+        ``self.state`` change, and changing them does not change the optimizer (torch's hold live references;
+        a state dict loaded into another optimizer, which mutates it, must not edit this one's state)."""
         self._refresh_state()
-        return super().state_dict()
+        out = super().state_dict()
+        out["state"] = {k: {kk: vv.clone() if torch.is_tensor(vv) else vv for kk, vv in v.items()}
+                        if isinstance(v, dict) else v for k, v in out["state"].items()}
+        return out
 
+    @_eager
     def load_state_dict(self, state_dict) -> None:
         """torch's ``load_state_dict``; the loaded state is checked against this optimizer's configuration
         before anything is replaced (:func:`validate_loaded_state`: ``ValueError`` naming the parameter and
@@ -1551,8 +1855,7 @@ class JaxOptimizer(torch.optim.Optimizer):
                         p_state[key] = value.detach().clone()
             for rt in self._runtime:
                 for buf in rt.buffers:
-                    buf.state, buf.spec, buf.stale = None, None, False
-                    buf.stepped = np.array([bool(dict.get(self.state, p)) for p in buf.params], dtype=bool)
+                    buf.forget_jax_state(self)
 
 
 def raise_if_nonfinite(where: str, param_groups, groups=None, *, tensors=None, value=None) -> None:
@@ -1592,12 +1895,11 @@ def _all_finite(t: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_tensors(buffers) -> list:
-    """The gradients the buffers' next step reads: a flat buffer's gradient buffer when every ``p.grad`` is
-    its view (or None on an unmarked segment, which holds zeros), else each non-None ``p.grad``."""
+    """The gradients the buffers' next step reads (call after ``sync_grads``): a flat buffer's gradient buffer
+    (every gradient copied in, zeros where ``p.grad`` is None), else each non-None ``p.grad``."""
     out = []
     for buf in buffers:
-        if buf.flat and all(p.grad is gv or (p.grad is None and not m)
-                            for p, gv, m in zip(buf.params, buf.gviews, buf.marks)):
+        if buf.flat:  # after sync_grads it holds every gradient, zeros where p.grad is None
             out.append(buf.flat_g)
         else:
             out.extend(p.grad for p in buf.params if p.grad is not None)
@@ -1621,6 +1923,22 @@ def _generic_defaults(entry, hyperparams):
             raise TypeError(f"{entry.name} has no argument {name!r}")
         defaults[key] = val
     return defaults
+
+
+def param_labels(param_groups, params) -> list[str]:
+    """How errors name each of ``params``: position in its param group, its name if the group has
+    ``param_names``, and its shape."""
+    where = {}
+    for gi, group in enumerate(param_groups):
+        names = group.get("param_names") or [None] * len(group["params"])
+        for j, (q, name) in enumerate(zip(group["params"], names)):
+            where.setdefault(id(q), (gi, j, name))
+    out = []
+    for p in params:
+        gi, j, name = where.get(id(p), (None, None, None))
+        at = f"parameter {j} of param group {gi}" if gi is not None else "a parameter"
+        out.append(f"{at} ({'' if name is None else repr(name) + ', '}shape {tuple(p.shape)})")
+    return out
 
 
 def _flat_candidate(p: torch.Tensor) -> bool:

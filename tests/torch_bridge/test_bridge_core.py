@@ -188,7 +188,8 @@ def test_replaced_grad_and_model_zero_grad(x64):
             o.step()
     assert max_diff(m1, m2) <= 1e-13
     buf = o2._runtime[0].buffers[0]
-    assert all(p.grad is v for p, v in zip(m2.parameters(), buf.gviews))
+    # the fresh .grad tensors of the last backward were moved onto the flat buffer (same objects)
+    assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(m2.parameters(), buf.gviews))
 
 
 def count_compiles(fn):
