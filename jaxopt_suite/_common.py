@@ -541,6 +541,35 @@ def chain(*blocks: optax.GradientTransformation) -> optax.GradientTransformation
     return optax.chain(*[b for b in blocks if b is not None])
 
 
+def add_coupled_weight_decay(weight_decay: Any, mask: Any = None) -> optax.GradientTransformation:
+    r"""Coupled L2 as ``torch.optim`` adds it: ``g ← g + λ p``, and ``g`` unchanged when ``λ = 0``.
+
+    torch skips the term when ``weight_decay == 0``, so an infinite parameter does not turn into
+    ``0 · inf = NaN``; this reproduces that with ``where(λ == 0, g, g + λ p)`` (pure and traceable, λ may be
+    an injected hyperparameter). For λ ≠ 0 the result is bit-identical to ``optax.add_decayed_weights``.
+    ``mask``: optional bool pytree (or callable of params) selecting decayed leaves.
+    """
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("weight decay needs the params (pass params to update).")
+        wd = jnp.asarray(weight_decay) if not isinstance(weight_decay, (int, float)) else weight_decay
+
+        def one(g, p):
+            if g is None:
+                return None
+            if isinstance(wd, (int, float)):
+                return g if wd == 0 else g + wd * p
+            return jnp.where(wd == 0, g, g + wd * p)
+        return jax.tree.map(one, updates, params), state
+
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return tx if mask is None else optax.masked(tx, mask)
+
+
 def maybe_maximize(maximize: bool) -> Optional[optax.GradientTransformation]:
     """``scale(-1)`` when maximizing (applied first, before any decay, as torch does)."""
     return optax.scale(-1.0) if maximize else None

@@ -199,7 +199,7 @@ def asgd(
     C.check_choice("scalar_dtype", scalar_dtype, SCALAR_DTYPES)
     return C.chain(
         C.maybe_maximize(maximize),
-        optax.add_decayed_weights(weight_decay),
+        C.add_coupled_weight_decay(weight_decay),
         scale_by_asgd(learning_rate, lambd, alpha, t0, momentum, scalar_dtype=scalar_dtype, segments=segments),
         C.zero_masked(segments=segments),
     )

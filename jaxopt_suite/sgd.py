@@ -139,7 +139,7 @@ def sgd(
                              f"dampening={dampening!r}).")
     return C.chain(
         C.maybe_maximize(maximize),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        C.add_coupled_weight_decay(weight_decay, weight_decay_mask),
         None if momentum is None else scale_by_sgd_momentum(momentum, dampening, nesterov=nesterov, segments=segments),
         optax.scale_by_learning_rate(learning_rate),
         C.zero_masked(segments=segments),

@@ -32,6 +32,7 @@ from jaxopt_suite.autosgm.autosgm import (
     DEFAULT_WD_CFG,
     _scale_by_autosgm,
     config_from_tuples,
+    validate_mix_cfg,
 )
 from jaxopt_suite.autosgm.windows import autosgm_window
 
@@ -139,7 +140,7 @@ class AutoSGM(JaxOptimizer):
             which, index = _KEYWORDS[name]
             tuples[which][index] = value
         defaults = {k: tuple(v) for k, v in tuples.items()}
-        defaults.update(lr=defaults["lr_cfg"][1], mix_cfg=tuple(mix_cfg), maximize=maximize, dbg=dbg)
+        defaults.update(lr=defaults["lr_cfg"][1], mix_cfg=validate_mix_cfg(mix_cfg), maximize=maximize, dbg=dbg)
         self._first_structure: dict[int, dict] = {}
         super().__init__(params, defaults=defaults, flat=flat, nonfinite=nonfinite)
 
@@ -157,10 +158,7 @@ class AutoSGM(JaxOptimizer):
 
     @staticmethod
     def _validate_group(group: Mapping[str, Any]) -> None:
-        mix = tuple(group.get("mix_cfg", DEFAULT_MIX_CFG))
-        if mix and bool(mix[0]):
-            raise NotImplementedError("AutoSGM: mix_cfg[0]=True (the reference's undocumented 2-D whitening "
-                                      "path) is not implemented.")
+        validate_mix_cfg(group.get("mix_cfg", DEFAULT_MIX_CFG))
         cfg = config_from_tuples(group["lr_cfg"], group["beta_cfg"], group["rc_cfg"], group["wd_cfg"],
                                  group["eps_cfg"], group.get("maximize", False))
         cfg["learning_rate"] = group.get("lr", cfg["learning_rate"])

@@ -173,6 +173,9 @@ class EnhancedSGD(JaxOptimizer):
         del model  # accepted for compatibility; unused (as in the reference)
         if layer_type_scaling is not None:
             raise NotImplementedError("layer_type_scaling is not implemented (it had no effect in the reference)")
+        if not isinstance(grad_cam_scaling, (bool, np.bool_)):
+            raise TypeError(f"Invalid grad_cam_scaling: {grad_cam_scaling!r}; expected a Python bool (only False "
+                            "is supported).")
         if grad_cam_scaling:
             raise NotImplementedError("grad_cam_scaling is not implemented (it had no effect in the reference)")
         if seed is None:

@@ -53,6 +53,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -446,6 +447,37 @@ DEFAULT_BETA_CFG = (0.9999, 0.999, 0.9, 0.0, 0.0, True)
 DEFAULT_RC_CFG = (0, 0, 0, 2, 1, 1000, 1, 1, 0)
 DEFAULT_WD_CFG = (0.0, 0)
 DEFAULT_EPS_CFG = (1e-10,)
+
+
+def validate_mix_cfg(mix_cfg: Any) -> tuple:
+    """Check the reference's ``mix_cfg = (mix2d, flag, eps, beta, order)`` tuple (only ``mix2d = False`` runs).
+
+    ``mix_cfg[0]``, ``mix_cfg[1]``: Python bools; ``mix_cfg[2]``: a finite real ``> 0``; ``mix_cfg[3]``: a real
+    in ``[0, 1)``; ``mix_cfg[4]``: an integer ``>= 0``. TypeError/ValueError name ``mix_cfg[i]`` and its range;
+    ``mix_cfg[0] = True`` (the reference's undocumented 2-D whitening path) raises NotImplementedError.
+    """
+    if isinstance(mix_cfg, (str, bytes)) or not hasattr(mix_cfg, "__iter__"):
+        raise TypeError(f"Invalid mix_cfg: {mix_cfg!r}; expected a tuple (bool, bool, eps > 0, beta in [0, 1), "
+                        "integer order >= 0).")
+    mix = tuple(mix_cfg)
+    if len(mix) != 5:
+        raise ValueError(f"Invalid mix_cfg: {mix_cfg!r}; expected 5 elements, got {len(mix)}.")
+    for i in (0, 1):
+        if not isinstance(mix[i], (bool, np.bool_)):
+            raise TypeError(f"Invalid mix_cfg[{i}]: {mix[i]!r}; expected a Python bool.")
+    for i in (2, 3):
+        if isinstance(mix[i], (bool, np.bool_)) or not isinstance(mix[i], (int, float, np.integer, np.floating)):
+            raise TypeError(f"Invalid mix_cfg[{i}]: {mix[i]!r}; expected a real number.")
+    if not (math.isfinite(float(mix[2])) and float(mix[2]) > 0.0):
+        raise ValueError(f"Invalid mix_cfg[2]: {mix[2]!r}; allowed range is (0, inf).")
+    if not 0.0 <= float(mix[3]) < 1.0:
+        raise ValueError(f"Invalid mix_cfg[3]: {mix[3]!r}; allowed range is [0, 1).")
+    if not _is_int(mix[4]) or int(mix[4]) < 0:
+        raise ValueError(f"Invalid mix_cfg[4]: {mix[4]!r}; expected an integer >= 0.")
+    if mix[0]:
+        raise NotImplementedError("AutoSGM: mix_cfg[0]=True (the reference's undocumented 2-D whitening "
+                                  "path) is not implemented.")
+    return mix
 
 
 def config_from_tuples(

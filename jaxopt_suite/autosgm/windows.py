@@ -99,6 +99,11 @@ def validate_window(rcm, *, spe, tau, inseq, x, n, m, cfact, e) -> None:
         raise ValueError(f"Invalid rcm: {rcm!r}; expected an integer in [0, 6] ({WINDOW_NAMES}).")
     if rcm == 0:
         return
+    for name, value in (("x", x), ("n", n), ("e", e)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"Invalid {name}: {value!r}; expected a real number.")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"Invalid {name}: {value!r}; expected a finite real number.")
     if inseq not in (0, 1) or isinstance(inseq, bool):
         raise ValueError(f"Invalid inseq: {inseq!r}; expected 0 (uniform) or 1 (Kronecker).")
     if not 0.0 <= float(x) <= 1.0:

@@ -203,12 +203,19 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def _check_bounds(name: str, bounds: Any) -> tuple[float, float]:
-    try:
-        lo, hi = (float(b) for b in bounds)
-    except Exception:  # noqa: BLE001 - anything that is not a pair of numbers
-        raise ValueError(f"Invalid {name}: {bounds!r}; expected a pair (lo, hi) with 0 < lo <= 1 <= hi.") from None
-    if not (0 < lo <= 1 <= hi):
-        raise ValueError(f"Invalid {name}: {bounds!r}; expected a pair (lo, hi) with 0 < lo <= 1 <= hi.")
+    """``(lo, hi)`` as floats: a pair of real numbers (not bools or strings), finite, ``0 < lo <= 1 <= hi``."""
+    expect = "expected a pair (lo, hi) of real numbers with 0 < lo <= 1 <= hi"
+    if isinstance(bounds, (str, bytes)) or not hasattr(bounds, "__iter__"):
+        raise TypeError(f"Invalid {name}: {bounds!r}; {expect}.")
+    items = list(bounds)
+    if len(items) != 2:
+        raise ValueError(f"Invalid {name}: {bounds!r}; {expect} (got {len(items)} elements).")
+    for i, b in enumerate(items):
+        if isinstance(b, (bool, np.bool_)) or not isinstance(b, (int, float, np.integer, np.floating)):
+            raise TypeError(f"Invalid {name}[{i}]: {b!r}; {expect}.")
+    lo, hi = (float(b) for b in items)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= 1 <= hi):
+        raise ValueError(f"Invalid {name}: {bounds!r}; {expect}.")
     return lo, hi
 
 
