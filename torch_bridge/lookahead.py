@@ -202,8 +202,9 @@ def _check_torch_lookahead_state(opt, state_dict):
                                      "parameter is real; casting would drop the imaginary part)")
                 if v.dtype == torch.bool:
                     raise ValueError(f"{where}: {label}: state {k!r} has dtype {v.dtype}, expected {p.dtype}")
-                if p.is_floating_point() and v.dtype != p.dtype:
-                    st[k] = v.to(dtype=p.dtype)  # torch.optim's cast (integer state included)
+                # torch.optim's cast (integer state included); a copy: the optimizer never aliases the
+                # caller's state dict (its tensors are updated in place by the next steps)
+                st[k] = (v.to(dtype=p.dtype) if p.is_floating_point() else v).clone()
             new_state[pid] = st
     out = dict(state_dict)
     out["state"] = {**state_dict["state"], **new_state}
