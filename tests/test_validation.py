@@ -416,3 +416,47 @@ def test_table_sizes():
     bridge_classes = {n for n in tb.__all__ if inspect.isclass(getattr(tb, n))
                       and issubclass(getattr(tb, n), tb.JaxOptimizer) and n not in ("JaxOptimizer", "ElraOptimizer")}
     assert bridge_classes <= set(BRIDGE) | {"Lookahead"}
+
+
+# ---- bridge-only arguments: flat, write_back, ElraGradScaler, Lookahead's optimizer ----------------------
+
+@pytest.mark.parametrize("make", [
+    lambda p, **kw: tb.SGD(p, lr=0.1, **kw), lambda p, **kw: tb.Adam(p, **kw), lambda p, **kw: tb.AutoSGM(p, **kw),
+    lambda p, **kw: tb.ELRA(p, lr=1e-3, **kw), lambda p, **kw: tb.JaxOptimizer(p, "adam", **kw)])
+@pytest.mark.parametrize("bad", [1, 0.0, "no", None])
+def test_flat_must_be_a_bool(make, bad):
+    with pytest.raises(TypeError, match="flat"):
+        make([torch.nn.Parameter(torch.zeros(3))], flat=bad)
+
+
+@pytest.mark.parametrize("bad", [1, None, "COPY"])
+def test_write_back_must_be_copy_or_swap(bad):
+    with pytest.raises(ValueError, match="write_back"):
+        tb.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, write_back=bad)
+
+
+@pytest.mark.parametrize("key,bad,exc", [
+    ("init_scale", math.nan, ValueError), ("init_scale", math.inf, ValueError), ("init_scale", 0.0, ValueError),
+    ("init_scale", None, TypeError), ("init_scale", "1", TypeError), ("init_scale", True, TypeError),
+    ("growth_factor", math.nan, ValueError), ("growth_factor", 1.0, ValueError), ("growth_factor", "2", TypeError),
+    ("growth_factor", None, TypeError), ("backoff_factor", math.nan, ValueError), ("backoff_factor", 1.0, ValueError),
+    ("backoff_factor", 0.0, ValueError), ("backoff_factor", None, TypeError), ("growth_interval", 0, ValueError),
+    ("growth_interval", 2.5, TypeError), ("growth_interval", None, TypeError), ("growth_interval", True, TypeError),
+    ("loss_limit", math.nan, ValueError), ("loss_limit", 0.0, ValueError), ("loss_limit", None, TypeError),
+    ("loss_limit", "1", TypeError), ("loss_limit", True, TypeError), ("enabled", 1, TypeError),
+    ("enabled", None, TypeError), ("enabled", "no", TypeError)])
+def test_elra_grad_scaler_arguments_are_checked(key, bad, exc):
+    with pytest.raises(exc, match=key):
+        tb.ElraGradScaler(**{key: bad})
+
+
+def test_elra_grad_scaler_valid_edges():
+    s = tb.ElraGradScaler(loss_limit=math.inf, enabled=False, growth_interval=1)
+    assert s.loss_limit == math.inf and not s.is_enabled()
+
+
+@pytest.mark.parametrize("cls", ["Lookahead", "TorchLookahead"])
+@pytest.mark.parametrize("bad", [[torch.zeros(2)], "sgd", 3])
+def test_lookahead_optimizer_must_be_an_optimizer(cls, bad):
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        getattr(tb.lookahead, cls)(bad)

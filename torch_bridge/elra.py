@@ -301,6 +301,7 @@ class ELRA(JaxOptimizer):
                           "package uses float64); enable jax_enable_x64 for parity.", stacklevel=2)
         self._runtime = []  # the generic per-group runtime is not used
         self._entry_name = "elra_dnn" if classes >= 2 else "elra_math"
+        V.check_flag("flat", flat)
         self.flat = bool(flat)
         self._leaves: list = []  # _FlatLeaves / _SimpleLeaves in global-vector order of their params
         self._order: list = []  # trainable params in global-vector order
@@ -771,6 +772,31 @@ class ELRA(JaxOptimizer):
 ElraOptimizer = ELRA
 
 
+def _check_scaler(init_scale, growth_factor, backoff_factor, growth_interval, loss_limit, enabled) -> None:
+    """ElraGradScaler's arguments, each named: finite ``init_scale > 0``, finite ``growth_factor > 1``,
+    finite ``0 < backoff_factor < 1``, integer ``growth_interval >= 1``, ``loss_limit > 0`` (``+inf``: never
+    force a retrace for size), ``enabled`` a bool."""
+    for name, value in (("init_scale", init_scale), ("growth_factor", growth_factor),
+                        ("backoff_factor", backoff_factor)):
+        V.check_strict(name, value)
+    if not float(init_scale) > 0.0:
+        raise ValueError(f"Invalid init_scale: {init_scale}; init_scale must be > 0")
+    if not float(growth_factor) > 1.0:
+        raise ValueError(f"Invalid growth_factor: {growth_factor}; growth_factor must be > 1")
+    if not 0.0 < float(backoff_factor) < 1.0:
+        raise ValueError(f"Invalid backoff_factor: {backoff_factor}; backoff_factor must be in (0, 1)")
+    if isinstance(growth_interval, (bool, np.bool_)) or not isinstance(growth_interval, (int, np.integer)):
+        raise TypeError(f"growth_interval must be an int, got {growth_interval!r} ({type(growth_interval).__name__})")
+    if growth_interval < 1:
+        raise ValueError(f"Invalid growth_interval: {growth_interval}; growth_interval must be >= 1")
+    V.check_number("loss_limit", loss_limit)
+    if isinstance(loss_limit, (bool, np.bool_)):
+        raise TypeError(f"loss_limit must be a real number, got the bool {loss_limit!r}")
+    if math.isnan(float(loss_limit)) or not float(loss_limit) > 0.0:
+        raise ValueError(f"Invalid loss_limit: {loss_limit}; loss_limit must be > 0 (+inf: no limit)")
+    V.check_flag("enabled", enabled)
+
+
 class ElraGradScaler(torch.amp.GradScaler):
     """``torch.amp.GradScaler`` that passes the loss to ELRA: ``scaler.scale(loss).backward();
     scaler.step(opt); scaler.update()``.
@@ -784,6 +810,7 @@ class ElraGradScaler(torch.amp.GradScaler):
                  growth_interval: int = 2000, loss_limit: float = 65000.0, enabled: bool = True, device=None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        _check_scaler(init_scale, growth_factor, backoff_factor, growth_interval, loss_limit, enabled)
         super().__init__(device, init_scale=init_scale, growth_factor=growth_factor,
                          backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled)
         self.loss_limit = float(loss_limit)

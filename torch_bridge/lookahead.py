@@ -68,6 +68,8 @@ class Lookahead(JaxOptimizer):
     """Lookahead around ``optimizer`` (see the module docstring). ``reset``: "none", "inner" or "momentum"."""
 
     def __new__(cls, optimizer=None, *args, **kwargs):
+        if optimizer is not None:  # None: unpickling (cls.__new__(cls))
+            _check_optimizer(optimizer)
         if optimizer is not None and not isinstance(optimizer, JaxOptimizer):
             return TorchLookahead(optimizer, *args, **kwargs)
         return super().__new__(cls)
@@ -76,6 +78,7 @@ class Lookahead(JaxOptimizer):
                          "elementwise", "group_flag_defaults")
 
     def __init__(self, optimizer, k=5, alpha=0.5, *, reset="none", nonfinite=None):
+        _check_optimizer(optimizer)
         _check(k, alpha, reset)
         inner = optimizer
         inner._refresh_state()
@@ -135,10 +138,98 @@ class Lookahead(JaxOptimizer):
         return super().step(closure, value=value)
 
 
+#: per-parameter state keys of the torch.optim classes TorchLookahead knows: (always, optional-by-config, torch
+#: reads the key's absence as "not started")
+_TORCH_KEYS = {
+    torch.optim.SGD: (lambda g: {"momentum_buffer"} if g.get("momentum", 0) else set(), {"momentum_buffer"}),
+    torch.optim.Adam: (lambda g: {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if g.get("amsgrad") else set()),
+                       set()),
+    torch.optim.AdamW: (lambda g: {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if g.get("amsgrad") else set()),
+                        set()),
+}
+
+
+def _check_torch_lookahead_state(opt, state_dict):
+    """Validate a state dict for :class:`TorchLookahead` (returns it with integer state cast to the
+    parameter's dtype, as torch.optim casts it). ``ValueError`` for: groups without Lookahead's or the inner
+    optimizer's options (another optimizer's state dict), a missing ``slow_param``, an unknown or missing key
+    of the inner optimizer (SGD, Adam, AdamW; others are left to their own ``load_state_dict``), a value
+    that is not a tensor, of the wrong shape, or complex for a real parameter. ``UserWarning`` for a missing
+    key torch reads as "not started" (SGD's ``momentum_buffer``)."""
+    import warnings
+    where = f"{type(opt).__name__}.load_state_dict"
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups'")
+    groups = state_dict["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"{where}: loaded state dict has a different number of parameter groups "
+                         f"({len(groups)}) than the optimizer ({len(opt.param_groups)})")
+    keys = _TORCH_KEYS.get(type(opt.optimizer))
+    new_state = {}
+    for gi, (g, cur) in enumerate(zip(groups, opt.param_groups)):
+        missing = sorted(k for k in cur if k != "params" and k not in g)
+        if missing:
+            raise ValueError(f"{where}: param group {gi} of the state dict has no {missing}, which "
+                             f"{type(opt).__name__}'s param groups have: the state dict was saved by another optimizer")
+        if len(g["params"]) != len(cur["params"]):
+            raise ValueError(f"{where}: param group {gi} has {len(g['params'])} parameters, the optimizer's "
+                             f"{len(cur['params'])}")
+        for j, (pid, p) in enumerate(zip(g["params"], cur["params"])):
+            st = state_dict["state"].get(pid)
+            if st is None:
+                continue
+            label = f"parameter {j} of param group {gi} (shape {tuple(p.shape)})"
+            if not isinstance(st, dict):
+                raise ValueError(f"{where}: the state of {label} is a {type(st).__name__}, expected a dict")
+            st = dict(st)
+            if st and "slow_param" not in st:
+                raise ValueError(f"{where}: {label}: state 'slow_param' is missing (the state has {sorted(st)})")
+            if keys is not None:
+                want, optional = keys[0](g) | {"slow_param"}, keys[1]
+                for k in sorted(want - set(st)):
+                    if k in optional:
+                        warnings.warn(f"{where}: {label} has no state {k!r}; torch.optim reads it as not started "
+                                      "(a fresh buffer at the next step)", UserWarning, stacklevel=3)
+                    else:
+                        raise ValueError(f"{where}: {label}: state {k!r} is missing (the state has {sorted(st)})")
+                for k in sorted(set(st) - want):
+                    raise ValueError(f"{where}: {label}: unknown state {k!r} (expected {sorted(want)}): the state "
+                                     "dict was saved by another optimizer or altered")
+            for k, v in st.items():
+                if k == "step":
+                    continue
+                if not torch.is_tensor(v):
+                    raise ValueError(f"{where}: {label}: state {k!r} is a {type(v).__name__}, expected a tensor of "
+                                     f"shape {tuple(p.shape)}")
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"{where}: {label}: state {k!r} has shape {tuple(v.shape)}, expected "
+                                     f"{tuple(p.shape)} (the parameter's shape)")
+                if v.is_complex() and not p.is_complex():
+                    raise ValueError(f"{where}: {label}: state {k!r} has dtype {v.dtype}, expected {p.dtype} (the "
+                                     "parameter is real; casting would drop the imaginary part)")
+                if v.dtype == torch.bool:
+                    raise ValueError(f"{where}: {label}: state {k!r} has dtype {v.dtype}, expected {p.dtype}")
+                # torch.optim's cast (integer state included); a copy: the optimizer never aliases the
+                # caller's state dict (its tensors are updated in place by the next steps)
+                st[k] = (v.to(dtype=p.dtype) if p.is_floating_point() else v).clone()
+            new_state[pid] = st
+    out = dict(state_dict)
+    out["state"] = {**state_dict["state"], **new_state}
+    return out
+
+
+def _check_optimizer(optimizer) -> None:
+    """The wrapped optimizer must be a ``torch.optim.Optimizer`` (a bridge one or an ordinary one)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"Lookahead's optimizer must be a torch.optim.Optimizer instance (a torch_bridge or a "
+                        f"torch.optim optimizer), got {optimizer!r} ({type(optimizer).__name__})")
+
+
 class TorchLookahead(torch.optim.Optimizer):
     """Lookahead around an ordinary ``torch.optim`` optimizer, in plain torch (same rule and state keys)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, k=5, alpha=0.5, *, reset="none"):
+        _check_optimizer(optimizer)
         _check(k, alpha, reset)
         if reset != "none":
             raise ValueError("reset modes other than 'none' need a torch_bridge inner optimizer")
@@ -187,6 +278,9 @@ class TorchLookahead(torch.optim.Optimizer):
         return inner
 
     def load_state_dict(self, state_dict) -> None:
+        """torch's format (the inner optimizer's state plus ``slow_param``), checked before anything is
+        replaced (:func:`_check_torch_lookahead_state`: ``ValueError`` naming group, parameter and key)."""
+        state_dict = _check_torch_lookahead_state(self, state_dict)
         state = {k: dict(v) for k, v in state_dict["state"].items()}
         slow = {k: v.pop("slow_param") for k, v in state.items() if "slow_param" in v}
         self.optimizer.load_state_dict({"state": {k: v for k, v in state.items() if v},

@@ -375,6 +375,33 @@ def _slot_problem(value, slot: StateSlot) -> Optional[str]:
     return None
 
 
+def reject_complex_state(opt, state_dict) -> None:
+    """Refuse complex tensors saved for real parameters, before torch's ``load_state_dict`` casts them.
+
+    torch.optim casts every loaded tensor to its (floating) parameter's dtype; for a complex tensor that
+    cast silently drops the imaginary part, so it is a ``ValueError`` naming the group, parameter and key.
+    Malformed dicts are left to the later checks (torch's own and :func:`validate_loaded_state`).
+    """
+    try:
+        saved_groups, state = state_dict["param_groups"], state_dict["state"]
+    except (TypeError, KeyError):
+        return
+    where = f"{type(opt).__name__}.load_state_dict"
+    for gi, (saved, cur) in enumerate(zip(saved_groups, opt.param_groups)):
+        if not isinstance(saved, Mapping):
+            continue
+        for j, (pid, p) in enumerate(zip(saved.get("params", ()), cur["params"])):
+            st = state.get(pid) if isinstance(state, Mapping) else None
+            if not isinstance(st, Mapping) or p.is_complex():
+                continue
+            for key, value in st.items():
+                if torch.is_tensor(value) and value.is_complex():
+                    raise ValueError(f"{where}: parameter {j} of param group {gi} (shape {tuple(p.shape)}): state "
+                                     f"{key!r} has dtype {_dtype_name(value.dtype)}, expected "
+                                     f"{_dtype_name(p.dtype)} (the parameter is real; casting would drop the "
+                                     "imaginary part)")
+
+
 def validate_loaded_state(opt, state, param_groups) -> None:
     """Check a state dict that ``opt.load_state_dict`` is loading, before the optimizer's state is replaced.
 
@@ -1309,8 +1336,9 @@ class JaxOptimizer(torch.optim.Optimizer):
             defaults = _generic_defaults(registry.get(name), hyperparams)
         elif hyperparams:
             raise TypeError(f"unexpected arguments {sorted(hyperparams)}")
+        V.check_flag("flat", flat)
         self.flat = bool(flat)
-        if write_back not in ("copy", "swap"):
+        if not isinstance(write_back, str) or write_back not in ("copy", "swap"):
             raise ValueError(f"Invalid write_back: {write_back!r}; expected 'copy' or 'swap'")
         self.write_back = write_back
         self._init_runtime()
@@ -1759,6 +1787,7 @@ class JaxOptimizer(torch.optim.Optimizer):
         """torch's ``load_state_dict``; the loaded state is checked against this optimizer's configuration
         before anything is replaced (:func:`validate_loaded_state`: ``ValueError`` naming the parameter and
         the key; ``UserWarning`` where torch.optim accepts silently)."""
+        reject_complex_state(self, state_dict)
         self.__dict__["_validating_load"] = True
         try:
             torch.optim.Optimizer.load_state_dict(self, state_dict)

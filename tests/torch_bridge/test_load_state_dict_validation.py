@@ -362,3 +362,66 @@ def test_group_level_jax_state_is_checked():
     bad["param_groups"][0]["jax_state"]["NotAState.field"] = torch.zeros(())
     with pytest.raises(ValueError, match="unknown 'jax_state' key 'NotAState.field'"):
         fresh(1)[1].load_state_dict(bad)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "ASGD", "Lookahead-SGD", "AutoSGM", "ELRA", "EnhancedSGD",
+                                  "JaxOptimizer-adam"])
+def test_complex_state_for_real_parameter_raises_at_load(name):
+    _, sd = trained(name)
+    st = next(v for v in sd["state"].values() if isinstance(v, dict) and any(
+        torch.is_tensor(t) and t.dim() > 0 for t in v.values()))
+    key = next(k for k, t in st.items() if torch.is_tensor(t) and t.dim() > 0)
+    st[key] = st[key].to(torch.complex64)
+    _, opt = build(name)
+    with pytest.raises(ValueError, match=re.escape(repr(key)) + ".*complex64"):
+        opt.load_state_dict(sd)
+
+
+def _torch_lookahead():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = tb.lookahead.TorchLookahead(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=3)
+    for _ in range(2):
+        opt.zero_grad()
+        model(X).pow(2).sum().backward()
+        opt.step()
+    return model, opt
+
+
+def _fresh_torch_lookahead():
+    model = torch.nn.Linear(3, 2)
+    return tb.lookahead.TorchLookahead(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=3)
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda sd: sd["state"][0].pop("slow_param"), "parameter 0 of param group 0.*'slow_param' is missing"),
+    (lambda sd: sd["state"][0].__setitem__("bogus", torch.zeros(2, 3)), "unknown state 'bogus'"),
+    (lambda sd: sd["state"][0].__setitem__("momentum_buffer", torch.zeros(3, 2)), "'momentum_buffer' has shape"),
+    (lambda sd: sd["state"][0].__setitem__("momentum_buffer", [[0.0] * 3] * 2), "'momentum_buffer' is a list"),
+    (lambda sd: sd["state"][0].__setitem__("momentum_buffer", torch.zeros(2, 3, dtype=torch.complex64)),
+     "'momentum_buffer' has dtype torch.complex64"),
+    (lambda sd: [g.pop("k") for g in sd["param_groups"]], "another optimizer"),
+])
+def test_torch_lookahead_load_state_dict_is_validated(corrupt, match):
+    _, opt = _torch_lookahead()
+    sd = copy.deepcopy(opt.state_dict())
+    corrupt(sd)
+    with pytest.raises(ValueError, match=match):
+        _fresh_torch_lookahead().load_state_dict(sd)
+
+
+def test_torch_lookahead_rejects_an_adam_state_dict():
+    model = torch.nn.Linear(3, 2)
+    adam = tb.Adam(model.parameters(), lr=1e-2)
+    model(X).pow(2).sum().backward()
+    adam.step()
+    with pytest.raises(ValueError, match="another optimizer"):
+        _fresh_torch_lookahead().load_state_dict(adam.state_dict())
+
+
+def test_torch_lookahead_missing_momentum_buffer_warns():
+    _, opt = _torch_lookahead()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0].pop("momentum_buffer")
+    with pytest.warns(UserWarning, match="momentum_buffer"):
+        _fresh_torch_lookahead().load_state_dict(sd)
