@@ -122,7 +122,10 @@ def scale_by_asgd(
             keep = C.per_element((1 - jnp.asarray(lambd).astype(wide) * eta_w), segments).astype(real)
             eta_el = C.per_element(eta, segments).astype(real)
             target = (theta * keep).astype(theta.dtype) - (eta_el * direction).astype(theta.dtype)
-            u = (target - theta).astype(g.dtype)
+            # An infinite θ that torch keeps (θ' = θ, e.g. after an inf gradient) needs u = 0: θ' − θ is NaN.
+            # Finite θ take the unchanged branch, so their values are bitwise those of the plain difference.
+            u = jnp.where(jnp.isinf(theta) & (target == theta), jnp.zeros_like(target), target - theta)
+            u = u.astype(g.dtype)
             new_theta = (theta + u).astype(theta.dtype)
             mu_el = C.per_element(mu, segments).astype(real)
             new_ax = jnp.where(mu_el == 1, new_theta, (ax + (new_theta - ax) * mu_el).astype(ax.dtype))

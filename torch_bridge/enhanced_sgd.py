@@ -189,7 +189,8 @@ class EnhancedSGD(JaxOptimizer):
             adaptive_momentum=adaptive_momentum, gradient_centering=gradient_centering,
             centering_axis=centering_axis, gradient_clipping=gradient_clipping,
             gradient_retention=gradient_retention, gradient_buffer_size=gradient_buffer_size,
-            lr_scale_bounds=tuple(lr_scale_bounds), momentum_scale_bounds=tuple(momentum_scale_bounds),
+            lr_scale_bounds=T._check_bounds("lr_scale_bounds", lr_scale_bounds),
+            momentum_scale_bounds=T._check_bounds("momentum_scale_bounds", momentum_scale_bounds),
             max_momentum=max_momentum, spike_recovery_steps=spike_recovery_steps, entropy_bins=entropy_bins,
             bayesian_init=bayesian_init, bayesian_prior_std=bayesian_prior_std, seed=seed,
         )
