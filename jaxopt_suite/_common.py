@@ -563,6 +563,8 @@ def add_coupled_weight_decay(weight_decay: Any, mask: Any = None) -> optax.Gradi
                 return None
             if isinstance(wd, (int, float)):
                 return g if wd == 0 else g + wd * p
+            # traced λ (injected, or the bridge's per-step hyperparameters): the select keeps torch's skip;
+            # it changes how XLA fuses the step, so results agree with a Python λ to rounding, not bitwise
             return jnp.where(wd == 0, g, g + wd * p)
         return jax.tree.map(one, updates, params), state
 

@@ -258,17 +258,24 @@ def all_finite(tree) -> bool:
                if np.issubdtype(np.asarray(x).dtype, np.inexact))
 
 
-def jax_hyper_cases(entry):
+def factory_args(entry):
+    """``(name, default, none_ok, is_callable)`` for each drawn argument of the entry's factory (the entry's
+    kwargs override the defaults; ``none_ok``: None is the documented default, e.g. momentum=None: no buffer)."""
     sig = factory_signature(entry.factory)
     for name, par in sig.parameters.items():
         if name in SKIP_JAX_ARGS or par.kind in (par.VAR_KEYWORD, par.VAR_POSITIONAL):
             continue
         default = entry.kwargs.get(name, par.default)
-        if callable(default) and not isinstance(default, (bool, int, float)):
+        is_callable = callable(default) and not isinstance(default, (bool, int, float))
+        yield name, default, par.default is None, is_callable
+
+
+def jax_hyper_cases(entry):
+    for name, default, none_ok, is_callable in factory_args(entry):
+        if is_callable:
             yield name, "string", "clip"
             continue
-        # momentum=None is a documented mode (no buffer), so None is allowed where it is the default
-        for kind, value in bad_values_for(name, default, none_ok=par.default is None):
+        for kind, value in bad_values_for(name, default, none_ok=none_ok):
             yield name, kind, value
 
 
@@ -399,15 +406,11 @@ def torch_hyper_cases():
         del entry_names
     # generic JaxOptimizer: the factory's arguments (lr for learning_rate), for every entry
     for entry in registry.entries():
-        sig = factory_signature(entry.factory)
-        for name, par in sig.parameters.items():
-            if name in SKIP_JAX_ARGS or par.kind in (par.VAR_KEYWORD, par.VAR_POSITIONAL):
-                continue
-            default = entry.kwargs.get(name, par.default)
-            if callable(default) and not isinstance(default, (bool, int, float)):
+        for name, default, none_ok, is_callable in factory_args(entry):
+            if is_callable:
                 continue
             key = "lr" if name == "learning_rate" else name
-            for kind, value in bad_values_for(name, default, none_ok=par.default is None):
+            for kind, value in bad_values_for(name, default, none_ok=none_ok):
                 yield (f"JaxOptimizer[{entry.name}]", key, kind, value,
                        (lambda n: lambda p, **kw: tb.JaxOptimizer(p, n, **kw))(entry.name), arg_names(key))
     generic = lambda p, **kw: tb.JaxOptimizer(p, "adam", **kw)  # noqa: E731

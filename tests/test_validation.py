@@ -68,23 +68,27 @@ def _numeric_args(entry):
     return out, sig
 
 
-def _factory_cases():
+def _bad_value_cases(rename=lambda name: name):
+    """``pytest.param(entry, key, bad)`` for every entry: each numeric argument with each of NUM_BAD (None
+    skipped where None is the documented default, e.g. momentum: no buffer), each bool flag with each of
+    FLAG_BAD. ``rename`` maps a factory argument to the key the caller passes (``lr`` for the bridge)."""
     for entry in registry.entries():
         numeric, sig = _numeric_args(entry)
         for name in numeric:
+            key = rename(name)
             for label, bad in NUM_BAD:
                 if bad is None and sig.parameters[name].default is None:
-                    continue  # None means something here (no momentum buffer)
+                    continue
                 if label == "neg" and name in NEG_OK:
                     continue
-                yield pytest.param(entry.name, name, bad, id=f"{entry.name}-{name}-{label}")
+                yield pytest.param(entry.name, key, bad, id=f"{entry.name}-{key}-{label}")
         for name, par in sig.parameters.items():
             if isinstance(par.default, bool):
                 for label, bad in FLAG_BAD:
                     yield pytest.param(entry.name, name, bad, id=f"{entry.name}-{name}-{label}")
 
 
-FACTORY_CASES = list(_factory_cases())
+FACTORY_CASES = list(_bad_value_cases())
 
 
 @pytest.mark.parametrize("entry_name, name, bad", FACTORY_CASES)
@@ -358,24 +362,7 @@ def test_torch_precedence_and_messages(cls_name, kwargs):
 # --------------------------------------------------------------------------------------------------
 
 
-def _generic_cases():
-    for entry in registry.entries():
-        numeric, sig = _numeric_args(entry)
-        for name in numeric:
-            key = "lr" if name == "learning_rate" else name
-            for label, bad in NUM_BAD:
-                if bad is None and sig.parameters[name].default is None:
-                    continue
-                if label == "neg" and name in NEG_OK:
-                    continue
-                yield pytest.param(entry.name, key, bad, id=f"{entry.name}-{key}-{label}")
-        for name, par in sig.parameters.items():
-            if isinstance(par.default, bool):
-                for label, bad in FLAG_BAD:
-                    yield pytest.param(entry.name, name, bad, id=f"{entry.name}-{name}-{label}")
-
-
-GENERIC_CASES = list(_generic_cases())
+GENERIC_CASES = list(_bad_value_cases(lambda name: "lr" if name == "learning_rate" else name))
 
 
 @pytest.mark.parametrize("entry_name, key, bad", GENERIC_CASES)

@@ -687,7 +687,7 @@ class ELRA(JaxOptimizer):
         torch-side state as the next call would build it (see ``JaxOptimizer._checkpoint_export``)."""
         self._sync_state_to_torch()
         saved = self._leaves
-        self._leaves = [_SimpleLeaves(list(self._order))]
+        self._leaves = [_SimpleLeaves(list(self._order), param_labels(self.param_groups, list(self._order)))]
         try:
             state = self._import_state(self._fresh_state(self._jax_params()))
         finally:
@@ -701,7 +701,7 @@ class ELRA(JaxOptimizer):
         """Make the list-layout ``state`` this optimizer's state (torch side authoritative afterwards)."""
         self._sync_state_to_torch()
         saved = self._leaves
-        self._leaves = [_SimpleLeaves(list(self._order))]
+        self._leaves = [_SimpleLeaves(list(self._order), param_labels(self.param_groups, list(self._order)))]
         try:
             self._jstate = state
             self._sync_state_to_torch()

@@ -202,7 +202,10 @@ def test_inject_hyperparams_and_plain_factory_agree():
                                                     hyperparam_dtype=jnp.float64)(
             0.05, 0.9, sync_period=K, slow_step_size=ALPHA), "quad", "f64")
         diff = compare(plain, injected, steps=12)
-    assert diff == 0.0, diff
+    # Not bitwise: the injected λ is traced, and the coupled decay's select (torch skips the term at λ == 0)
+    # makes XLA fuse the step differently (measured 4.4e-15 on O(1) values). Bound: 12 steps, a few roundings
+    # each, of values below ~10 -> 12 * 8 * 10 * eps64 ~ 2e-13.
+    assert diff <= 12 * 8 * 10 * np.finfo(np.float64).eps, diff
     assert int(injected.state.hyperparams["sync_period"]) == K
 
 

@@ -46,6 +46,16 @@ def sine_setup(seed=0):
     return model, loss_fn
 
 
+def sine_steps(opt, loss_fn, n):
+    """``n`` ordinary ELRA calls (zero_grad, backward, step with the loss); returns the last loss."""
+    for _ in range(n):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step(loss)
+    return loss
+
+
 def digits_batches(epochs=1, batch=64, seed=0):
     from sklearn.datasets import load_digits
 
@@ -202,11 +212,7 @@ def test_step_noscale_with_flat_gradient_and_get_gradient():
 def test_step_retrace_returns_to_last_good_point():
     model, loss_fn = sine_setup()
     opt = ELRA(model.parameters(), lr=1e-6)
-    for _ in range(5):
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        opt.step(loss)
+    sine_steps(opt, loss_fn, 5)
     sd = opt.state_dict()
     before = sd["state"]["elra"]["retrace2"].item()
     opt.step_retrace(loss_fn().item())
@@ -384,18 +390,10 @@ def test_kept_state_dict_is_a_snapshot():
 
     model, loss_fn = sine_setup()
     opt = ELRA(model.parameters(), lr=1e-5)
-    for _ in range(3):
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        opt.step(loss)
+    sine_steps(opt, loss_fn, 3)
     kept = opt.state_dict()
     frozen = copy.deepcopy(kept)
-    for _ in range(3):
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        opt.step(loss)
+    sine_steps(opt, loss_fn, 3)
     later = opt.state_dict()
     assert not torch.equal(later["state"][0]["g_old"], frozen["state"][0]["g_old"])  # training moved on
     for key, entry in frozen["state"].items():
