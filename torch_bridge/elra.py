@@ -60,7 +60,7 @@ from . import _validate as V
 from . import dlpack
 from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _FlatBuffer, _flat_candidate, _exclude_overlaps,
-                        _NeedsRebuild, jax_shapes, param_labels, raise_if_nonfinite)
+                        _NeedsRebuild, jax_shapes, param_labels, raise_if_nonfinite, sparse_gradient_error)
 
 __all__ = ["ELRA", "ElraOptimizer", "ElraGradScaler"]
 
@@ -127,8 +127,7 @@ class _SimpleLeaves:
     def check_sparse(self, opt):
         for p, label in zip(self.params, self.labels):
             if p.grad is not None and p.grad.layout != torch.strided:
-                raise RuntimeError(f"{type(opt).__name__}: {label} has a sparse gradient (layout {p.grad.layout}); "
-                                   "torch_bridge optimizers take dense gradients only")
+                raise sparse_gradient_error(type(opt).__name__, label, p.grad.layout)
 
     def jax_params(self):
         return [dlpack.to_jax(p) for p in self.params]

@@ -42,7 +42,7 @@ from . import _validate as V
 from . import dlpack
 from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _LazyState, _host_of_torch, _host_to_torch, jax_shapes,
-                        param_labels, raise_if_nonfinite)
+                        param_labels, raise_if_nonfinite, sparse_gradient_error)
 
 __all__ = ["EnhancedSGD"]
 
@@ -365,8 +365,7 @@ class EnhancedSGD(JaxOptimizer):
         has_grad = [p.grad is not None for p in params]
         sparse = next((p for p, h in zip(params, has_grad) if h and p.grad.layout != torch.strided), None)
         if sparse is not None:
-            raise RuntimeError(f"EnhancedSGD: {param_labels(self.param_groups, [sparse])[0]} has a sparse gradient "
-                               f"(layout {sparse.grad.layout}); torch_bridge optimizers take dense gradients only")
+            raise sparse_gradient_error("EnhancedSGD", param_labels(self.param_groups, [sparse])[0], sparse.grad.layout)
         if not any(has_grad):
             return loss
         with torch.no_grad():

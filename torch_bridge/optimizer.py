@@ -578,12 +578,8 @@ class _Buffer:
         for i, p in enumerate(self.params):
             g = p.grad
             if g is not None and (g.layout != torch.strided or self.sparse_seen[i]):
-                how = (f"a sparse gradient (layout {g.layout})" if g.layout != torch.strided else
-                       "a sparse gradient since the last zero_grad() (accumulated into its dense .grad)")
-                raise RuntimeError(
-                    f"{type(opt).__name__ if opt is not None else 'torch_bridge'}: {self.labels[i]} has {how}; torch_bridge optimizers take dense "
-                    "gradients only and never densify a sparse one (use a dense gradient, e.g. "
-                    "nn.Embedding(..., sparse=False), or torch.optim.SparseAdam for this parameter)")
+                raise sparse_gradient_error(type(opt).__name__ if opt is not None else "torch_bridge",
+                                            self.labels[i], g.layout if g.layout != torch.strided else None)
 
     # ---- state conversion -------------------------------------------------------------------
     def _params_def(self):
@@ -1084,6 +1080,17 @@ class _NeedsRebuild(Exception):
 
 
 _MISSING = object()
+
+
+def sparse_gradient_error(owner: str, label: str, layout=None) -> RuntimeError:
+    """The error for a sparse gradient (``layout``: the ``.grad``'s sparse layout; None: a sparse gradient was
+    accumulated into a dense ``.grad`` since the last ``zero_grad()``). Sparse gradients are never densified."""
+    how = (f"a sparse gradient (layout {layout})" if layout is not None else
+           "a sparse gradient since the last zero_grad() (accumulated into its dense .grad)")
+    return RuntimeError(
+        f"{owner}: {label} has {how}; torch_bridge optimizers take dense gradients only and never densify a "
+        "sparse one (use a dense gradient, e.g. nn.Embedding(..., sparse=False), or torch.optim.SparseAdam for "
+        "this parameter)")
 
 
 def _note_sparse(buffer_ref, index, grad):
