@@ -97,7 +97,7 @@ _optimizer._INIT_FUNCTIONS.append(_init)
 
 def _controller_to_torch(leaf) -> torch.Tensor:
     """A controller leaf as a torch tensor of the same values; the PRNG key's ``uint32`` words as ``int64``
-    (exact; torch's ``uint32`` tensors cannot be unpickled), see :func:`~torch_bridge.optimizer._host_to_torch`."""
+    (exact; torch's ``uint32`` tensors cannot be unpickled), see :func:`~torch_bridge._state_map._host_to_torch`."""
     return _host_to_torch(leaf)
 
 
