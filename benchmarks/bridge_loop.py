@@ -33,9 +33,14 @@ Threads: ``--torch-threads`` (default 1) pins torch's intra-op pool with ``torch
 2-core machine XLA's CPU client keeps its own thread pool for the bridge's compiled step, and the forward
 / backward of these small models gains little from a second torch thread while contending with XLA (and,
 on a shared machine, with other processes) for the same two cores; one torch thread makes the torch side
-deterministic in its core use and is what bridge_grad_copy uses. The torch baselines' own optimizer
+deterministic in its core use and is what bridge_grad_copy and the test suite use. Measured on the loaded 2-core
+machine (see benchmarks/README.md): with 2 torch threads every variant of the 1m6 loop ran 20-80x slower, with IQRs
+over two orders of magnitude (torch fused SGD-momentum step 84.7 ms, IQR 0.95-143 ms, against 0.73 ms, IQR
+0.70-0.79 ms, with 1 thread right after). The torch baselines' own optimizer
 kernels (fused / foreach) then run on one thread too; XLA's step may use both cores, which favours the
-bridge where a step is large enough to be split (10M): read the 10M rows with that in mind, or rerun with
+bridge where its loops are split into 2 tasks (the optimized HLO says so at every size here; whether that split
+helps or hurts on a loaded machine was not measured: ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` does not
+remove it): read the rows with that in mind, or rerun with
 ``--torch-threads 2`` (printed in the header, so runs are comparable only at equal settings).
 
 ``--profile`` adds a breakdown of the bridge's ``step()`` (SGD momentum and Adam on 1m6 and 1m400): the
