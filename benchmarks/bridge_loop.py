@@ -472,14 +472,15 @@ def main(argv=None):
                     help="comma-separated families (" + ", ".join(FAMILIES) + "); default: all on 1m6 and "
                          "1m400, Adam on 10m100")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (see the docstring)")
-    ap.add_argument("--profile", action="store_true", help="also the step() breakdown (SGD momentum, Adam)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also the step() breakdown (SGD momentum and Adam, or those of them in --optimizers)")
     ap.add_argument("--cprofile", action="store_true", help="with --profile: a cProfile listing as well")
     ap.add_argument("--profile-iterations", type=int, default=200)
     ap.add_argument("--quick", action="store_true",
-                    help="short run: 8 rounds after 2 warm-up iterations, 20 profiled iterations")
+                    help="short run: 6 rounds after 2 warm-up iterations, 12 profiled iterations")
     args = ap.parse_args(argv)
     if args.quick:
-        args.rounds, args.warmup, args.profile_iterations = 8, 2, 20
+        args.rounds, args.warmup, args.profile_iterations = 6, 2, 12
     torch.set_num_threads(args.torch_threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
@@ -497,8 +498,10 @@ def main(argv=None):
         rows += bench_model(m, fams if fams is not None else DEFAULT_PLAN[m], args.rounds, args.warmup)
     profiles = {}
     if args.profile:
+        # SGD momentum and Adam (those of them named by --optimizers, when given)
+        prof_fams = [f for f in ("SGD momentum", "Adam") if fams is None or f in fams] or ["SGD momentum", "Adam"]
         for m in [m for m in ("1m6", "1m400") if m in models]:
-            for fam in ("SGD momentum", "Adam"):
+            for fam in prof_fams:
                 profiles[(m, fam)] = profile_breakdown(m, fam, args.profile_iterations, args.warmup,
                                                        cprofile=args.cprofile)
     print("\nend:  ", machine_line())

@@ -23,15 +23,14 @@ def test_quick_loop_reports_every_variant_and_a_nested_profile(capsys, one_torch
     for r in rows:
         assert r["step"][0] > 0 and r["iter"][0] >= r["step"][0] * 0.5, r
         assert math.isfinite(r["step_ratio"]) and math.isfinite(r["iter_ratio"])
-        # Same batch, same initial weights, 10 SGD-momentum iterations in float32: the two runs differ by
-        # rounding only (each update is lr * buffer with |buffer| << 1, a few ulp of |θ| <~ 0.05 per step,
-        # i.e. ~1e-8 per step), so 1e-5 bounds 10 steps with a wide margin while a wrong update (lr=1e-2
-        # times a gradient of order 1e-2..1) would exceed it.
+        # Same batch, same initial weights, 8 SGD-momentum iterations in float32: the two runs differ by
+        # rounding only (a few ulp of |θ| <~ 0.05 per step, ~1e-8), while torch's parameters move by ~4.5e-4
+        # (max over elements) in those 8 iterations, so a bridge that skipped or botched the steps fails 1e-5.
         assert r["diff"] < 1e-5, r
     # the fastest torch implementation is the reference: its ratio is exactly 1, the other's is >= 1
     torch_ratios = sorted(r["step_ratio"] for r in rows if r["impl"].startswith("torch"))
     assert torch_ratios[0] == 1.0 and torch_ratios[1] >= 1.0
-    assert set(profiles) == {("1m6", "SGD momentum"), ("1m6", "Adam")}
+    assert set(profiles) == {("1m6", "SGD momentum")}
     for (model, fam), (sections, step_ms) in profiles.items():
         assert step_ms > 0
         # the wrapped sections were hit: the gradient copy and the JAX step take time at every step
