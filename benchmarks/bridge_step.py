@@ -16,6 +16,9 @@ scheduled steps (OneCycleLR moving lr and betas, then ReduceLROnPlateau, tensor 
 memory beyond params, grads and optimizer state. Timings are noisy on a loaded machine: read ratios,
 not absolute numbers; the load average is printed.
 
+The loop users run (``zero_grad()``, forward and backward of a real model, ``step()``, for every torch-named
+bridge class) is timed by :mod:`benchmarks.bridge_loop`.
+
 Run: ``python -m benchmarks.bridge_step [--rounds 40] [--small]``.
 """
 
