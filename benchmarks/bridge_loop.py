@@ -292,7 +292,7 @@ def profile_breakdown(key: str, family: str, iterations: int, warmup: int, cprof
     """
     import jax
     import torch_bridge.dlpack as dl
-    import torch_bridge.optimizer as bo
+    import torch_bridge._buffers as bo  # the buffers call _compiled_step through this module's name
 
     desc, make_model, batch, d_in, d_out = MODELS[key]
     torch.manual_seed(1)
@@ -373,7 +373,7 @@ def profile_breakdown(key: str, family: str, iterations: int, warmup: int, cprof
     if missing:
         # the wrapped names moved (e.g. the bridge was split into modules): fail rather than print zeros
         raise RuntimeError(f"profile_breakdown: sections {missing} were not timed at every step; the bridge no "
-                           "longer calls the functions wrapped here (torch_bridge.optimizer._compiled_step, "
+                           "longer calls the functions wrapped here (torch_bridge._buffers._compiled_step, "
                            "torch_bridge.dlpack.to_torch, buffer.sync_grads/step): update the wrappers")
 
     def per_iter(name):
@@ -424,7 +424,7 @@ def _hlo_summary(buf, opt) -> str:
     """Fusions and full-size copies in the optimized HLO of ``buf``'s compiled step (memory passes per step)."""
     import re
 
-    import torch_bridge.optimizer as bo
+    import torch_bridge._step_cache as bo
 
     group = opt.param_groups[0]
     mask = None if buf.mode == "uniform" else [np.append(buf.marks, True)]
