@@ -57,7 +57,7 @@ from jaxopt_suite.elra import (
 )
 
 from . import _validate as V
-from . import dlpack
+from . import _cuda, dlpack
 from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _FlatBuffer, _flat_candidate, _exclude_overlaps,
                         _NeedsRebuild, jax_shapes, param_labels, raise_if_nonfinite, sparse_gradient_error)
@@ -123,6 +123,7 @@ class _SimpleLeaves:
     def __init__(self, params, labels):
         self.params = params
         self.labels = labels
+        self._cuda_order = None  # CUDA: "dlpack" / "sync", decided at the first step (order_after_torch)
 
     def check_sparse(self, opt):
         for p, label in zip(self.params, self.labels):
@@ -135,6 +136,20 @@ class _SimpleLeaves:
     def jax_grads(self):
         return [dlpack.to_jax(p.grad) if p.grad is not None else jnp.zeros(tuple(p.shape), _jax_dtype(p))
                 for p in self.params]
+
+    def order_after_torch(self) -> bool:
+        """CUDA only: the per-step imports are the DLPack handshake; where the JAX device has none
+        (:func:`torch_bridge._cuda.order_mode` is ``"sync"``) block the host on torch's current stream.
+        Returns whether the outputs must be waited for on the host before torch reads them."""
+        p = self.params[0]
+        if p.device.type != "cuda":
+            return False
+        if self._cuda_order is None:
+            self._cuda_order = _cuda.order_mode(next(iter(dlpack.to_jax(p.detach()).devices())))
+        if self._cuda_order == "sync":
+            _cuda.wait_for_torch(p.device)
+            return True
+        return False
 
     def write(self, leaves):
         for p, leaf in zip(self.params, leaves):
@@ -183,6 +198,15 @@ class _FlatLeaves:
 
     def jax_grads(self):
         return self.buf.jg
+
+    def order_after_torch(self) -> bool:
+        """CUDA only (a no-op on CPU): order the step after torch's current stream (re-import the flat buffer,
+        or block the host: :meth:`_FlatBuffer._order_after_torch`). Returns whether the outputs must be
+        waited for on the host before torch reads them (host-synchronous order)."""
+        if self.buf._cuda_order is None:
+            return False
+        self.buf._order_after_torch()
+        return self.buf._cuda_order == "sync"
 
     def write(self, leaves):
         view = dlpack.to_torch(leaves[0])
@@ -463,6 +487,7 @@ class ELRA(JaxOptimizer):
             policy = self._nonfinite_policy()
             if policy == "raise":
                 self._raise_if_nonfinite_elra(loss, force_retrace)
+            host_sync = [lv.order_after_torch() for lv in self._leaves]  # CUDA stream order (_cuda)
             self._ensure_state()
             value = _to_jax_scalar(loss, "loss")
             force = _to_jax_scalar(force_retrace, "force_retrace").astype(bool)
@@ -480,6 +505,8 @@ class ELRA(JaxOptimizer):
                 self._skips = skips
             if boost and bs is not None:
                 self._boost = bs
+            if any(host_sync):
+                _cuda.wait_for_jax((x_new, self._jstate))
             for lv, leaves in zip(self._leaves, self._split(x_new)):
                 lv.write(leaves)
             # the old vector state and the written-back parameters are dead now: next call's outputs

@@ -1,0 +1,116 @@
+"""The CUDA design of the bridge, checked where it can be on a CPU-only machine (issue 11 item 6).
+
+* JAX's GPU preallocation is switched off when ``torch_bridge`` is imported, unless the user chose a policy,
+  and a warning says so when JAX's GPU backend was initialised first (fresh interpreters: the decision
+  depends on process state at import).
+* CPU buffers never take a CUDA branch (``_cuda_order is None``) and their flat buffers are 64-byte aligned;
+  the aligned allocator realigns a misaligned allocation instead of letting the import copy.
+* ``TORCH_BRIDGE_CUDA_ORDER`` is validated.
+* ``scripts/gpu_check.sh`` exits with status 2 and a message that names the reason on a machine without CUDA.
+
+The CUDA paths themselves (stream order, 256-byte alignment on the device) run only in ``scripts/gpu_check.sh``.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import torch_bridge as tb
+from torch_bridge import _cuda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VARS = _cuda.PREALLOCATE_VARS
+
+
+def _fresh(code: str, **env_changes) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in VARS}
+    env.update(env_changes)
+    env["PYTHONPATH"] = ROOT
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_import_sets_preallocate_false_unless_the_user_chose():
+    """One interpreter per case would cost ~3 s each; the cases that need a fresh JAX run in one process each,
+    the others call configure_jax_memory on a dict."""
+    code = ("import os, torch_bridge, jax; from jax._src import xla_bridge as xb; "
+            "print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), xb.backends_are_initialized())")
+    out = _fresh(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["false", "False"]  # set, and importing the bridge initialised no backend
+    out = _fresh(code, XLA_PYTHON_CLIENT_MEM_FRACTION=".5")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "False"]  # the user's policy is kept, nothing added
+    for name in VARS:  # every one of the three variables counts as the user's choice
+        env = {name: "x"}
+        assert _cuda.configure_jax_memory(env) == "user" and env == {name: "x"}
+
+
+def test_backend_initialised_first_cpu_only_and_gpu(monkeypatch):
+    # in this process JAX's CPU backend is initialised (the bridge tests ran JAX): nothing to preallocate
+    import jax
+    jax.devices()
+    env = {}
+    assert _cuda.configure_jax_memory(env) == "late-cpu" and env == {}
+    # a GPU backend initialised before the bridge: too late to set the variable, so it warns, once
+    from jax._src import xla_bridge
+    monkeypatch.setattr(xla_bridge, "_backends", {"cpu": None, "cuda": None})
+    monkeypatch.setattr(_cuda, "_warned_preallocation", False)
+    with pytest.warns(UserWarning, match="XLA_PYTHON_CLIENT_PREALLOCATE=false"):
+        assert _cuda.configure_jax_memory(env) == "warned"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _cuda.configure_jax_memory(env) == "warned"  # no second warning
+    assert env == {}
+
+
+def test_cpu_buffers_take_no_cuda_branch_and_are_aligned():
+    ps = [torch.nn.Parameter(torch.randn(3, 5)), torch.nn.Parameter(torch.randn(7))]
+    for kw in ({}, {"write_back": "swap"}):
+        buf = tb.Adam(ps, lr=0.1, **kw)._runtime[0].buffers[0]
+        assert buf.flat and buf._cuda_order is None
+        assert buf.flat_g.data_ptr() % _cuda.CPU_ALIGN_BYTES == 0
+    simple = tb.Adam(ps, lr=0.1, flat=False)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    simple.step()
+    assert simple._runtime[0].buffers[0]._cuda_order is None
+
+
+def test_aligned_zeros_realigns_a_misaligned_allocation(monkeypatch):
+    real = torch.zeros
+    calls = []
+
+    def misaligned(n, dtype=None, device=None):
+        calls.append(n)
+        base = real(n + 16, dtype=dtype, device=device)
+        k = next(k for k in range(1, 17) if (base.data_ptr() + k * base.element_size()) % 64)
+        return base[k:k + n]  # an allocator that hands out a pointer off the 64-byte grid
+
+    monkeypatch.setattr(torch, "zeros", misaligned)
+    out = _cuda.aligned_zeros(100, torch.float32, torch.device("cpu"))
+    assert out.data_ptr() % 64 == 0 and out.shape == (100,) and not out.any()
+    assert len(calls) == 2  # the first allocation was misaligned, the second over-allocated and sliced
+
+
+def test_order_env_is_validated(monkeypatch):
+    monkeypatch.setenv(_cuda.ORDER_ENV, "fast")
+    with pytest.raises(ValueError, match="TORCH_BRIDGE_CUDA_ORDER='fast'"):
+        _cuda.order_mode(None)
+    monkeypatch.setenv(_cuda.ORDER_ENV, "dlpack")
+    assert _cuda.order_mode(None) == "dlpack" and _cuda.order_mode(None, swap=True) == "sync"
+
+
+def test_gpu_check_without_cuda_exits_2_with_the_reason():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: scripts/gpu_check.sh would run the full check")
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "no CUDA here, nothing was run" in out.stderr and "torch.cuda.is_available() is False" in out.stderr
+    assert out.stdout == ""
