@@ -503,7 +503,7 @@ class _SimpleBuffer(_Buffer):
     def __init__(self, params, labels=None, watch: bool = True):
         super().__init__(params, labels, watch)
         self.device = None
-        self._cuda_order = None  # set with the device at the first step (CUDA: "dlpack" or "sync", see _cuda)
+        self._cuda_order = None  # set with the device at the first step (CUDA: "sync" or "dlpack", see _cuda)
         self._zeros = {}
         if len(params) >= SIMPLE_PATH_WARN_LEAVES:
             warnings.warn(
@@ -575,7 +575,7 @@ class _SimpleBuffer(_Buffer):
             self.device = dlpack.to_jax(self.params[0]).devices().pop()
             if self.params[0].device.type == "cuda":
                 self._cuda_order = _cuda.order_mode(self.device)
-        # CUDA: the per-step imports below are the handshake ("dlpack"); without one, block the host ("sync")
+        # CUDA, "sync" order (the default): block the host; "dlpack": the per-step imports below order it (_cuda)
         if self._cuda_order == "sync":
             _cuda.wait_for_torch(self.params[0].device)
         spec = StepSpec(entry_name, static, None)

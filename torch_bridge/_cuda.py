@@ -24,18 +24,25 @@ write needs an explicit edge:
    the buffer is ready (JAX's documented ``stream`` argument of ``to_dlpack``). The new parameters are
    ready when the whole execution is done, so every later kernel on torch's current stream -- the
    write-back ``copy_``, the next forward, ``zero_grad``, the next backward writing the gradient buffer that
-   JAX read -- runs after the step. ``step()`` therefore does not block the host, like ``torch.optim``: its
+   JAX read -- runs after the step. ``step()`` then need not block the host, like ``torch.optim``: its
    results are ordered on the current stream at the time of ``step()``, which is torch.optim's own guarantee
    (work the user puts on another stream must wait on the current one, as with torch.optim).
 
-Edge 1 needs the JAX device to provide a stream for external ready events
+Which order is used (``TORCH_BRIDGE_CUDA_ORDER``, read when a buffer is built)
+--------------------------------------------------------------------------
+The default is the *host-synchronous* order: ``torch.cuda.current_stream(dev).synchronize()`` before the step
+and ``jax.block_until_ready`` on the step's outputs before torch sees them. It is correct whatever the stream
+semantics of the installed JAX and PJRT plugin are, which is why it is the default while no GPU run has
+confirmed the handshake (the project's spec, ``specs/bridge.md`` §7: host syncs on both sides first, optimise
+with measurements). Its cost is a host stall per step: the GPU idles while the host dispatches the JAX step
+and, after it, torch's next kernels (tens of microseconds each), and the host cannot run ahead of the GPU
+across ``step()``.
+
+``TORCH_BRIDGE_CUDA_ORDER=dlpack`` selects the handshake order above (edges 1 and 2 through DLPack, no host
+block): the cheaper one, to become the default once ``scripts/gpu_check.sh`` shows its parity rows passing
+and its benchmark rows faster. Edge 1 needs the JAX device to provide a stream for external ready events
 (``Device.get_stream_for_external_ready_events``); some PJRT plugins do not (JAX then imports with
-``stream=None``, which orders nothing). The bridge checks this once per device and falls back to the
-*host-synchronous* order: ``torch.cuda.current_stream(dev).synchronize()`` before the step and
-``jax.block_until_ready`` on the step's outputs before torch sees them. That fallback is correct whatever the
-stream semantics of the installed JAX are, and costs a host stall per step (the GPU idles while the host
-dispatches the JAX step and, after it, the next torch kernels). ``TORCH_BRIDGE_CUDA_ORDER=sync`` forces it
-(``=dlpack`` forces the handshake), read when a buffer is built.
+``stream=None``, which orders nothing), and ``dlpack`` then raises instead of ordering nothing.
 
 Swap write-back (``write_back="swap"``) keeps the parameters in JAX-owned memory that torch writes through
 views; there is no torch buffer whose import would order the init computation (which reads only that
@@ -176,17 +183,37 @@ def _device_has_handshake(jax_device) -> bool:
 
 
 def order_mode(jax_device, *, swap: bool = False) -> str:
-    """``"dlpack"`` (re-import handshake, no host block) or ``"sync"`` (host-synchronous), for a CUDA buffer.
-
-    ``TORCH_BRIDGE_CUDA_ORDER`` (``sync`` / ``dlpack``) overrides the choice; any other value raises."""
-    forced = os.environ.get(ORDER_ENV, "")
-    if forced not in ("", "sync", "dlpack"):
-        raise ValueError(f"{ORDER_ENV}={forced!r}: expected 'sync' or 'dlpack' (or unset)")
-    if swap or forced == "sync":
+    """``"sync"`` (host-synchronous, the default) or ``"dlpack"`` (re-import handshake, no host block) for a
+    CUDA buffer: ``TORCH_BRIDGE_CUDA_ORDER=dlpack`` selects the handshake, which raises ``ValueError`` where
+    the JAX device offers no stream for it (it would order nothing); swap buffers are always ``"sync"``."""
+    chosen = os.environ.get(ORDER_ENV, "") or "sync"
+    if chosen not in ("sync", "dlpack"):
+        raise ValueError(f"{ORDER_ENV}={chosen!r}: expected 'sync' or 'dlpack' (or unset: 'sync')")
+    if swap or chosen == "sync":
         return "sync"
-    if forced == "dlpack":
-        return "dlpack"
-    return "dlpack" if _device_has_handshake(jax_device) else "sync"
+    if not _device_has_handshake(jax_device):
+        raise ValueError(f"{ORDER_ENV}=dlpack: the JAX device {jax_device} provides no stream for external ready "
+                         "events, so a DLPack import would not wait for torch's stream; unset it (host-synchronous "
+                         "order)")
+    return "dlpack"
+
+
+_TORCH_DEVICE_ORDER = {}  # (torch device, TORCH_BRIDGE_CUDA_ORDER) -> order mode
+
+
+def order_for(tensor: torch.Tensor):
+    """``None`` for a CPU tensor (one attribute test); for a CUDA tensor the :func:`order_mode` of its device,
+    looked up once per device. For the per-step importers (simple leaves, EnhancedSGD) that keep no buffer
+    object to decide in."""
+    if tensor.device.type != "cuda":
+        return None
+    key = (tensor.device, os.environ.get(ORDER_ENV, ""))
+    if key not in _TORCH_DEVICE_ORDER:
+        from . import dlpack  # noqa: PLC0415
+        with torch.cuda.device(tensor.device):
+            jax_device = next(iter(dlpack.to_jax(tensor.detach()).devices()))
+        _TORCH_DEVICE_ORDER[key] = order_mode(jax_device)
+    return _TORCH_DEVICE_ORDER[key]
 
 
 def wait_for_torch(device: torch.device) -> None:

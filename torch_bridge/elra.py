@@ -123,7 +123,6 @@ class _SimpleLeaves:
     def __init__(self, params, labels):
         self.params = params
         self.labels = labels
-        self._cuda_order = None  # CUDA: "dlpack" / "sync", decided at the first step (order_after_torch)
 
     def check_sparse(self, opt):
         for p, label in zip(self.params, self.labels):
@@ -138,15 +137,11 @@ class _SimpleLeaves:
                 for p in self.params]
 
     def order_after_torch(self) -> bool:
-        """CUDA only: the per-step imports are the DLPack handshake; where the JAX device has none
-        (:func:`torch_bridge._cuda.order_mode` is ``"sync"``) block the host on torch's current stream.
-        Returns whether the outputs must be waited for on the host before torch reads them."""
+        """CUDA only: in the ``"sync"`` order (the default, :func:`torch_bridge._cuda.order_mode`) block the host
+        on torch's current stream; in ``"dlpack"`` the per-step imports are the handshake. Returns whether the
+        outputs must be waited for on the host before torch reads them."""
         p = self.params[0]
-        if p.device.type != "cuda":
-            return False
-        if self._cuda_order is None:
-            self._cuda_order = _cuda.order_mode(next(iter(dlpack.to_jax(p.detach()).devices())))
-        if self._cuda_order == "sync":
+        if _cuda.order_for(p) == "sync":
             _cuda.wait_for_torch(p.device)
             return True
         return False
@@ -606,9 +601,13 @@ class ELRA(JaxOptimizer):
             self._boost_model = copy.deepcopy(model)
             if device is not None:
                 self._boost_model.to(device)
+            for lv in self._leaves:  # CUDA: the init reads the parameters torch wrote (_cuda)
+                lv.order_after_torch()
             self._boost = jax.jit(elra_boost_init)(self._jax_params())
             return 0, 0.0, None
         if self._boost is None:
+            for lv in self._leaves:  # CUDA: the init reads the parameters torch wrote (_cuda)
+                lv.order_after_torch()
             self._boost = jax.jit(elra_boost_init)(self._jax_params())
             return 0, 0.0, None
         self._boost, count, loss, full, available = jax.jit(elra_boost_result)(self._boost)

@@ -35,20 +35,26 @@ def _fresh(code: str, **env_changes) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+CODE = ("import os, torch_bridge, jax; from jax._src import xla_bridge as xb; "
+        "print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), xb.backends_are_initialized())")
+
+
 def test_import_sets_preallocate_false_unless_the_user_chose():
-    """One interpreter per case would cost ~3 s each; the cases that need a fresh JAX run in one process each,
-    the others call configure_jax_memory on a dict."""
-    code = ("import os, torch_bridge, jax; from jax._src import xla_bridge as xb; "
-            "print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), xb.backends_are_initialized())")
-    out = _fresh(code)
+    """A fresh interpreter (the decision depends on what JAX did before the import); the user's choices are
+    checked on a dict (a fresh interpreter per case costs ~3 s; one of them runs in the slow test below)."""
+    out = _fresh(CODE)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["false", "False"]  # set, and importing the bridge initialised no backend
-    out = _fresh(code, XLA_PYTHON_CLIENT_MEM_FRACTION=".5")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["None", "False"]  # the user's policy is kept, nothing added
-    for name in VARS:  # every one of the three variables counts as the user's choice
+    for name in VARS:  # each of the three variables counts as the user's choice: nothing added
         env = {name: "x"}
         assert _cuda.configure_jax_memory(env) == "user" and env == {name: "x"}
+
+
+@pytest.mark.slow
+def test_user_choice_is_kept_in_a_fresh_process():
+    out = _fresh(CODE, XLA_PYTHON_CLIENT_MEM_FRACTION=".5")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "False"]
 
 
 def test_backend_initialised_first_cpu_only_and_gpu(monkeypatch):
@@ -98,12 +104,32 @@ def test_aligned_zeros_realigns_a_misaligned_allocation(monkeypatch):
     assert len(calls) == 2  # the first allocation was misaligned, the second over-allocated and sliced
 
 
-def test_order_env_is_validated(monkeypatch):
+class _FakeDevice:
+    """A JAX device as order_mode sees it: with or without a stream for external ready events."""
+
+    platform, id = "fake", 0
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.id = stream  # one handshake cache entry per fake
+
+    def get_stream_for_external_ready_events(self):
+        if self.stream is None:
+            raise RuntimeError("UNIMPLEMENTED: no external ready events stream")
+        return self.stream
+
+
+def test_order_mode_default_sync_dlpack_on_request_and_validated(monkeypatch):
+    monkeypatch.delenv(_cuda.ORDER_ENV, raising=False)
+    assert _cuda.order_mode(_FakeDevice(1234)) == "sync"  # host-synchronous until a GPU run confirms the handshake
+    monkeypatch.setenv(_cuda.ORDER_ENV, "dlpack")
+    assert _cuda.order_mode(_FakeDevice(1234)) == "dlpack"
+    assert _cuda.order_mode(_FakeDevice(1234), swap=True) == "sync"  # swap: no torch buffer to import
+    with pytest.raises(ValueError, match="provides no stream for external ready events"):
+        _cuda.order_mode(_FakeDevice(None))  # the handshake would order nothing: never silently
     monkeypatch.setenv(_cuda.ORDER_ENV, "fast")
     with pytest.raises(ValueError, match="TORCH_BRIDGE_CUDA_ORDER='fast'"):
-        _cuda.order_mode(None)
-    monkeypatch.setenv(_cuda.ORDER_ENV, "dlpack")
-    assert _cuda.order_mode(None) == "dlpack" and _cuda.order_mode(None, swap=True) == "sync"
+        _cuda.order_mode(_FakeDevice(1234))
 
 
 def test_gpu_check_without_cuda_exits_2_with_the_reason():
