@@ -236,7 +236,9 @@ class _FlatBuffer(_Buffer):
         self.write_back = write_back
         dtype, device = params[0].dtype, params[0].device
         self.elementwise = elementwise
-        self.layout = FlatLayout.from_shapes([tuple(p.shape) for p in params], dlpack.align_elements(dtype))
+        # segments padded per platform (64 B CPU, 256 B CUDA): _cuda.segment_align_elements
+        self.layout = FlatLayout.from_shapes([tuple(p.shape) for p in params],
+                                             _cuda.segment_align_elements(dtype, device))
         total = self.layout.total
         # on the parameters' device, aligned for a zero-copy import there (64 bytes CPU, 256 CUDA)
         self.flat_p = _cuda.aligned_zeros(total, dtype, device)

@@ -132,6 +132,15 @@ def align_bytes(device: torch.device) -> int:
     return CUDA_ALIGN_BYTES if device.type == "cuda" else CPU_ALIGN_BYTES
 
 
+def segment_align_elements(dtype: torch.dtype, device: torch.device) -> int:
+    """Elements of ``dtype`` per segment granule of a flat buffer on ``device``: :func:`align_bytes` (64 bytes on
+    the CPU, 256 on CUDA, ``specs/bridge.md`` §7), so that every ``p.data`` / ``p.grad`` view starts where a
+    tensor allocated by itself would (cudaMalloc alignment on CUDA: vectorised kernels and cuBLAS see the
+    same alignment as without the bridge). At most ``align - itemsize`` bytes of padding per parameter."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(1, align_bytes(device) // itemsize)
+
+
 def aligned_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled 1-d tensor on ``device`` whose data pointer is :func:`align_bytes`-aligned.
 

@@ -23,7 +23,7 @@ import torch
 
 from . import _cuda
 
-ALIGN_BYTES = 64  # segment padding granule inside the flat buffers (any device); import alignment: _cuda
+ALIGN_BYTES = 64  # the CPU's alignment; per device (CUDA: 256) see _cuda.align_bytes / segment_align_elements
 
 _X64_HINT = (
     'enable it with jax.config.update("jax_enable_x64", True) before creating the optimizer '

@@ -81,6 +81,10 @@ def test_cpu_buffers_take_no_cuda_branch_and_are_aligned():
         buf = tb.Adam(ps, lr=0.1, **kw)._runtime[0].buffers[0]
         assert buf.flat and buf._cuda_order is None
         assert buf.flat_g.data_ptr() % _cuda.CPU_ALIGN_BYTES == 0
+        # segments padded to 64 bytes on the CPU (CUDA: 256), as before the CUDA work
+        assert buf.layout.offsets == (0, 16) and buf.layout.total == 32
+    assert _cuda.segment_align_elements(torch.float32, torch.device("cuda")) == 64
+    assert _cuda.segment_align_elements(torch.bfloat16, torch.device("cpu")) == 32
     simple = tb.Adam(ps, lr=0.1, flat=False)
     for p in ps:
         p.grad = torch.ones_like(p)
