@@ -66,7 +66,8 @@ def is_aligned(tensor: torch.Tensor) -> bool:
 
 
 def align_elements(dtype: torch.dtype) -> int:
-    """Number of elements of ``dtype`` in one 64-byte alignment unit (segment padding granule)."""
+    """Number of elements of ``dtype`` in one 64-byte unit (the CPU segment granule; per device:
+    :func:`torch_bridge._cuda.segment_align_elements`)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return max(1, ALIGN_BYTES // itemsize)
 

@@ -6,9 +6,10 @@ gradients stay torch tensors that JAX reads through DLPack without copies.
 How a step works (flat path, the default)
 -----------------------------------------
 * Per param group and per (dtype, device), the parameters are packed into one flat torch buffer; each
-  parameter is a segment padded with zeros to 64 bytes (:class:`jaxopt_suite.FlatLayout`). ``p.data``
+  parameter is a segment padded with zeros to 64 bytes, 256 on CUDA (:class:`jaxopt_suite.FlatLayout`). ``p.data``
   is re-pointed to a view of the flat parameter buffer (``id(p)`` does not change); a flat gradient buffer
-  of the same layout holds the gradients the step reads. Both buffers are imported into JAX once.
+  of the same layout holds the gradients the step reads. Both buffers are imported into JAX once (on CUDA
+  re-imported per step in the ``dlpack`` stream order, see "On CUDA" below).
 * Gradients follow torch exactly: a parameter is stepped iff ``p.grad is not None`` at ``step()``, and
   ``p.grad`` is None wherever torch leaves it None (before the first backward, after
   ``zero_grad(set_to_none=True)``, for parameters that got no gradient). A parameter whose ``.grad`` is
