@@ -202,10 +202,11 @@ def part_parity(rows):
     buf = tb.Adam([p])._runtime[0].buffers[0]
     rows.append(dict(part="parity", what="CPU buffer has no CUDA order", ok=buf._cuda_order is None, value="", seconds=0))
     # flat buffers on the device, 256-byte aligned
-    q = torch.nn.Parameter(torch.zeros(5, device=dev))
-    b = tb.Adam([q])._runtime[0].buffers[0]
+    qs = [torch.nn.Parameter(torch.zeros(5, device=dev)), torch.nn.Parameter(torch.zeros(7, device=dev))]
+    b = tb.Adam(qs)._runtime[0].buffers[0]
     rows.append(dict(part="parity", what="CUDA flat buffer on device, 256-B aligned", seconds=0,
-                     ok=b.flat_p.device == q.device and b.flat_p.data_ptr() % 256 == 0 and b.flat_g.data_ptr() % 256 == 0,
+                     ok=(b.flat_p.device == qs[0].device and b.flat_p.data_ptr() % 256 == 0
+                         and b.flat_g.data_ptr() % 256 == 0 and all(q.data_ptr() % 256 == 0 for q in qs)),
                      value=f"order {b._cuda_order}, preallocate={os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE')}"))
 
 
