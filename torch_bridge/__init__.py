@@ -12,6 +12,12 @@ except ModuleNotFoundError as exc:  # the bridge is an optional part of the dist
         "torch_bridge needs PyTorch, which is not installed: install your torch build (>= 2.13), "
         "or `pip install 'jaxopt-suite[torch]'`", name="torch") from exc
 
+# before anything initialises a JAX backend: JAX must not preallocate 75% of the GPU that torch uses (unless the
+# user chose a policy with an XLA_PYTHON_CLIENT_* variable); warns once if it is too late (docs/gpu.md)
+from ._cuda import configure_jax_memory as _configure_jax_memory
+
+_configure_jax_memory()
+
 from .adam import Adam, AdamW
 from .adopt import ADOPT
 from .asgd import ASGD

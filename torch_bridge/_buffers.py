@@ -22,7 +22,7 @@ import torch
 
 from jaxopt_suite._common import FlatLayout
 
-from . import dlpack
+from . import _cuda, dlpack
 from ._state_map import _MISSING, _as_tensor, _rebuild_state, _scalar_of, _walk_state, _warn_user
 from ._step_cache import StepSpec, _compiled_init, _compiled_step
 
@@ -236,10 +236,13 @@ class _FlatBuffer(_Buffer):
         self.write_back = write_back
         dtype, device = params[0].dtype, params[0].device
         self.elementwise = elementwise
-        self.layout = FlatLayout.from_shapes([tuple(p.shape) for p in params], dlpack.align_elements(dtype))
+        # segments padded per platform (64 B CPU, 256 B CUDA): _cuda.segment_align_elements
+        self.layout = FlatLayout.from_shapes([tuple(p.shape) for p in params],
+                                             _cuda.segment_align_elements(dtype, device))
         total = self.layout.total
-        self.flat_p = torch.zeros(total, dtype=dtype, device=device)
-        self.flat_g = torch.zeros(total, dtype=dtype, device=device)
+        # on the parameters' device, aligned for a zero-copy import there (64 bytes CPU, 256 CUDA)
+        self.flat_p = _cuda.aligned_zeros(total, dtype, device)
+        self.flat_g = _cuda.aligned_zeros(total, dtype, device)
         self.filled = np.zeros(len(params), dtype=bool)  # segment of flat_g may hold non-zero values
         self.aliased: list = [None] * len(params)  # weakref to the .grad tensor moved onto segment i (_alias)
         self.pviews, self.gviews, self.ptrs = [], [], []
@@ -254,9 +257,13 @@ class _FlatBuffer(_Buffer):
                 self.pviews.append(pv)
                 self.gviews.append(gv)
                 self.ptrs.append(pv.data_ptr())
-        self.jp = [dlpack.to_jax(self.flat_p, zero_copy=True)]
-        self.jg = [dlpack.to_jax(self.flat_g, zero_copy=True)]
+        on_cuda = device.type == "cuda"  # decided once: a CPU buffer never runs CUDA code per step
+        to_jax = _cuda.import_zero_copy if on_cuda else functools.partial(dlpack.to_jax, zero_copy=True)
+        self.jp = [to_jax(self.flat_p)]
+        self.jg = [to_jax(self.flat_g)]
         self.device = next(iter(self.jp[0].devices()))
+        # None on CPU; on CUDA how JAX's step is ordered against torch's stream ("dlpack" / "sync", _cuda)
+        self._cuda_order = _cuda.order_mode(self.device, swap=write_back == "swap") if on_cuda else None
         self.scratch = None
         if write_back == "swap":
             # the params live in a JAX-owned buffer viewed by torch; each step writes a second one
@@ -277,6 +284,19 @@ class _FlatBuffer(_Buffer):
 
     def jax_params(self):
         return self.jp
+
+    def _order_after_torch(self) -> None:
+        """CUDA only, at the start of a step: make this step's JAX work wait for the kernels torch queued on
+        its current stream (the backward, the gradient copy, ``zero_grad``, edits of ``p.data``).
+
+        ``"dlpack"``: re-import both flat buffers (the DLPack handshake: an event on torch's current stream that
+        the imported buffers' definition waits on; the step waits on its inputs, so on all of it). No host
+        block; one capsule per buffer. ``"sync"``: block the host on torch's current stream."""
+        if self._cuda_order == "dlpack":
+            self.jp = [_cuda.import_zero_copy(self.flat_p)]
+            self.jg = [_cuda.import_zero_copy(self.flat_g)]
+        else:
+            _cuda.wait_for_torch(self.flat_g.device)
 
     def nbytes(self) -> int:
         """Bytes held by the bridge for this buffer: flat params, grads, scratch and JAX state."""
@@ -439,6 +459,8 @@ class _FlatBuffer(_Buffer):
     def step(self, opt, group, entry_name, static, hyper, value, flag=None):
         if not self.marks.any():
             return
+        if self._cuda_order is not None:  # before build_state too: the init reads the parameters
+            self._order_after_torch()
         if self.mode == "uniform" and not self.marks.all():
             self.mode = "segment"
         spec = StepSpec(entry_name, static, self.layout if self.mode == "segment" else None)
@@ -459,7 +481,10 @@ class _FlatBuffer(_Buffer):
         mask = None if self.mode == "uniform" else [np.append(self.marks, True)]
         new_p, self.state = _compiled_step(self.scratch, self.state, self.jp, self.jg, hyper, mask, value, flag,
                                            spec=spec)
-        view = dlpack.to_torch(new_p[0])  # waits for the step; XLA is then done reading torch memory
+        if self._cuda_order == "sync":  # host-synchronous order: torch sees the outputs only when done
+            _cuda.wait_for_jax((new_p, self.state))
+        # waits for the step (CPU: the host; CUDA: torch's current stream); XLA is then done reading torch memory
+        view = dlpack.to_torch(new_p[0])
         if self.write_back == "swap":
             old = self.jp
             self._repoint(view)  # drops every torch view of the old buffer, which becomes the scratch
@@ -480,6 +505,7 @@ class _SimpleBuffer(_Buffer):
     def __init__(self, params, labels=None, watch: bool = True):
         super().__init__(params, labels, watch)
         self.device = None
+        self._cuda_order = None  # set with the device at the first step (CUDA: "sync" or "dlpack", see _cuda)
         self._zeros = {}
         if len(params) >= SIMPLE_PATH_WARN_LEAVES:
             warnings.warn(
@@ -549,6 +575,11 @@ class _SimpleBuffer(_Buffer):
             return
         if self.device is None:
             self.device = dlpack.to_jax(self.params[0]).devices().pop()
+            if self.params[0].device.type == "cuda":
+                self._cuda_order = _cuda.order_mode(self.device)
+        # CUDA, "sync" order (the default): block the host; "dlpack": the per-step imports below order it (_cuda)
+        if self._cuda_order == "sync":
+            _cuda.wait_for_torch(self.params[0].device)
         spec = StepSpec(entry_name, static, None)
         if spec != self.spec:
             if self.state is not None:
@@ -569,6 +600,8 @@ class _SimpleBuffer(_Buffer):
         mask = [np.bool_(m) for m in mask_host]
         self._export_cache = None
         new_p, self.state = _compiled_step(None, self.state, params_j, grads_j, hyper, mask, value, flag, spec=spec)
+        if self._cuda_order == "sync":
+            _cuda.wait_for_jax((new_p, self.state))
         with torch.no_grad():
             for p, new, has in zip(self.params, new_p, mask_host):
                 if has:

@@ -10,7 +10,9 @@ Facts this module relies on (CPU, jax 0.10 / torch 2.13):
   here with a ``TypeError`` instead.
 * unaligned data pointers are silently copied; strided tensors with gaps cannot be imported at all.
 * ``torch.from_dlpack(jax_array)`` is zero-copy and waits until the JAX buffer is ready, so it is also
-  the synchronisation point after a step.
+  the synchronisation point after a step (on CPU the host waits; on CUDA torch's current stream waits).
+* On CUDA every import is also a stream handshake, ordered after torch's current stream at the time of
+  the import only: :mod:`torch_bridge._cuda` describes the CUDA execution model.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import torch
 
-ALIGN_BYTES = 64
+from . import _cuda
+
+ALIGN_BYTES = 64  # the CPU's alignment; per device (CUDA: 256) see _cuda.align_bytes / segment_align_elements
 
 _X64_HINT = (
     'enable it with jax.config.update("jax_enable_x64", True) before creating the optimizer '
@@ -56,11 +60,14 @@ def check_dtype(tensor: torch.Tensor, what: str = "parameter") -> None:
 
 
 def is_aligned(tensor: torch.Tensor) -> bool:
-    return tensor.data_ptr() % ALIGN_BYTES == 0
+    """Whether ``tensor``'s data pointer has the alignment a zero-copy import needs on its device (64 bytes
+    on the CPU, 256 on CUDA: :func:`torch_bridge._cuda.align_bytes`)."""
+    return tensor.data_ptr() % _cuda.align_bytes(tensor.device) == 0
 
 
 def align_elements(dtype: torch.dtype) -> int:
-    """Number of elements of ``dtype`` in one 64-byte alignment unit (segment padding granule)."""
+    """Number of elements of ``dtype`` in one 64-byte unit (the CPU segment granule; per device:
+    :func:`torch_bridge._cuda.segment_align_elements`)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return max(1, ALIGN_BYTES // itemsize)
 
@@ -80,7 +87,8 @@ def to_jax(tensor: torch.Tensor, *, zero_copy: bool = False) -> jax.Array:
         if not t.is_contiguous():
             raise ValueError("zero-copy import needs a contiguous tensor")
         if not is_aligned(t):
-            raise ValueError(f"zero-copy import needs a {ALIGN_BYTES}-byte aligned data pointer")
+            raise ValueError(f"zero-copy import needs a {_cuda.align_bytes(t.device)}-byte aligned data pointer "
+                             f"on {t.device}")
         arr = jax.dlpack.from_dlpack(t)
         if t.numel() and arr.unsafe_buffer_pointer() != t.data_ptr():
             raise ValueError("DLPack import made a copy; the buffer is not shared with torch")

@@ -57,7 +57,7 @@ from jaxopt_suite.elra import (
 )
 
 from . import _validate as V
-from . import dlpack
+from . import _cuda, dlpack
 from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _FlatBuffer, _flat_candidate, _exclude_overlaps,
                         _NeedsRebuild, jax_shapes, param_labels, raise_if_nonfinite, sparse_gradient_error)
@@ -136,6 +136,16 @@ class _SimpleLeaves:
         return [dlpack.to_jax(p.grad) if p.grad is not None else jnp.zeros(tuple(p.shape), _jax_dtype(p))
                 for p in self.params]
 
+    def order_after_torch(self) -> bool:
+        """CUDA only: in the ``"sync"`` order (the default, :func:`torch_bridge._cuda.order_mode`) block the host
+        on torch's current stream; in ``"dlpack"`` the per-step imports are the handshake. Returns whether the
+        outputs must be waited for on the host before torch reads them."""
+        p = self.params[0]
+        if _cuda.order_for(p) == "sync":
+            _cuda.wait_for_torch(p.device)
+            return True
+        return False
+
     def write(self, leaves):
         for p, leaf in zip(self.params, leaves):
             p.copy_(dlpack.to_torch(leaf))
@@ -183,6 +193,15 @@ class _FlatLeaves:
 
     def jax_grads(self):
         return self.buf.jg
+
+    def order_after_torch(self) -> bool:
+        """CUDA only (a no-op on CPU): order the step after torch's current stream (re-import the flat buffer,
+        or block the host: :meth:`_FlatBuffer._order_after_torch`). Returns whether the outputs must be
+        waited for on the host before torch reads them (host-synchronous order)."""
+        if self.buf._cuda_order is None:
+            return False
+        self.buf._order_after_torch()
+        return self.buf._cuda_order == "sync"
 
     def write(self, leaves):
         view = dlpack.to_torch(leaves[0])
@@ -463,6 +482,7 @@ class ELRA(JaxOptimizer):
             policy = self._nonfinite_policy()
             if policy == "raise":
                 self._raise_if_nonfinite_elra(loss, force_retrace)
+            host_sync = [lv.order_after_torch() for lv in self._leaves]  # CUDA stream order (_cuda)
             self._ensure_state()
             value = _to_jax_scalar(loss, "loss")
             force = _to_jax_scalar(force_retrace, "force_retrace").astype(bool)
@@ -480,6 +500,8 @@ class ELRA(JaxOptimizer):
                 self._skips = skips
             if boost and bs is not None:
                 self._boost = bs
+            if any(host_sync):
+                _cuda.wait_for_jax((x_new, self._jstate))
             for lv, leaves in zip(self._leaves, self._split(x_new)):
                 lv.write(leaves)
             # the old vector state and the written-back parameters are dead now: next call's outputs
@@ -579,9 +601,13 @@ class ELRA(JaxOptimizer):
             self._boost_model = copy.deepcopy(model)
             if device is not None:
                 self._boost_model.to(device)
+            for lv in self._leaves:  # CUDA: the init reads the parameters torch wrote (_cuda)
+                lv.order_after_torch()
             self._boost = jax.jit(elra_boost_init)(self._jax_params())
             return 0, 0.0, None
         if self._boost is None:
+            for lv in self._leaves:  # CUDA: the init reads the parameters torch wrote (_cuda)
+                lv.order_after_torch()
             self._boost = jax.jit(elra_boost_init)(self._jax_params())
             return 0, 0.0, None
         self._boost, count, loss, full, available = jax.jit(elra_boost_result)(self._boost)

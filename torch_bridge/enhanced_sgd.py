@@ -39,7 +39,7 @@ from jaxopt_suite.lookahead import LookaheadState
 from jaxopt_suite.nonfinite import SkipNonFiniteState, check_nonfinite, skip_nonfinite
 
 from . import _validate as V
-from . import dlpack
+from . import _cuda, dlpack
 from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _LazyState, _host_of_torch, _host_to_torch, jax_shapes,
                         param_labels, raise_if_nonfinite, sparse_gradient_error)
@@ -372,6 +372,10 @@ class EnhancedSGD(JaxOptimizer):
             policy = self._nonfinite_policy()
             if policy == "raise":
                 raise_if_nonfinite("EnhancedSGD.step", self.param_groups, value=value)
+            # CUDA, "sync" order (the default): block the host; "dlpack": the per-step imports below order it (_cuda)
+            host_sync = _cuda.order_for(params[0]) == "sync"
+            if host_sync:
+                _cuda.wait_for_torch(params[0].device)
             state = self._ensure_state()
             params_j = [dlpack.to_jax(p) for p in params]
             grads_j = [dlpack.to_jax(p.grad) if h else jnp.zeros(p.shape, params_j[i].dtype)
@@ -385,6 +389,8 @@ class EnhancedSGD(JaxOptimizer):
                                                     static=self._static(for_update=True), skip=skip)
             if skip:
                 self._skips = skips
+            if host_sync:
+                _cuda.wait_for_jax((new_params, self._jstate))
             for p, new in zip(params, new_params):
                 p.copy_(dlpack.to_torch(new))
         self._stale = True

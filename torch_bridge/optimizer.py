@@ -6,9 +6,10 @@ gradients stay torch tensors that JAX reads through DLPack without copies.
 How a step works (flat path, the default)
 -----------------------------------------
 * Per param group and per (dtype, device), the parameters are packed into one flat torch buffer; each
-  parameter is a segment padded with zeros to 64 bytes (:class:`jaxopt_suite.FlatLayout`). ``p.data``
+  parameter is a segment padded with zeros to 64 bytes, 256 on CUDA (:class:`jaxopt_suite.FlatLayout`). ``p.data``
   is re-pointed to a view of the flat parameter buffer (``id(p)`` does not change); a flat gradient buffer
-  of the same layout holds the gradients the step reads. Both buffers are imported into JAX once.
+  of the same layout holds the gradients the step reads. Both buffers are imported into JAX once (on CUDA
+  re-imported per step in the ``dlpack`` stream order, see "On CUDA" below).
 * Gradients follow torch exactly: a parameter is stepped iff ``p.grad is not None`` at ``step()``, and
   ``p.grad`` is None wherever torch leaves it None (before the first backward, after
   ``zero_grad(set_to_none=True)``, for parameters that got no gradient). A parameter whose ``.grad`` is
@@ -38,6 +39,20 @@ How a step works (flat path, the default)
   torch-side state.
 * The new parameters land in a donated JAX-owned scratch buffer and are written back with one
   ``copy_`` into the flat torch buffer (whose data pointer therefore never changes).
+
+On CUDA (``torch_bridge/_cuda.py``, ``docs/gpu.md``)
+-------------------------------------------------
+* The flat buffers are allocated on the parameters' device, 256-byte aligned (64 on the CPU), and each
+  import is checked to be zero-copy. Importing the bridge sets ``XLA_PYTHON_CLIENT_PREALLOCATE=false``
+  unless the user chose a JAX memory policy (warns once if JAX's GPU backend already started).
+* torch and XLA queue kernels on different streams, so each step needs two edges: JAX after torch's
+  current stream (the backward, the gradient copy), torch's next kernels after JAX's step. Default:
+  host-synchronous (``current_stream().synchronize()`` before the step, ``block_until_ready`` on its
+  outputs after), correct whatever JAX's stream semantics. ``TORCH_BRIDGE_CUDA_ORDER=dlpack``: both edges
+  through DLPack handshakes, no host block -- the flat buffers are re-imported at each step (a buffer
+  imported once orders nothing after its import) and ``torch.from_dlpack`` of the new parameters makes
+  torch's stream wait for the step. CPU buffers decide this once at construction (``_cuda_order is
+  None``) and run no CUDA code per step.
 
 Parameters that are views, overlap another parameter, are not contiguous, or groups of several dtypes
 for an optimizer that is not elementwise, use the *simple path*: a per-parameter pytree imported at
@@ -130,6 +145,7 @@ Where the code is
   :func:`reject_complex_state`) and the lazily refreshed ``optimizer.state`` (``_LazyState``).
 * ``torch_bridge/_buffers.py``: the flat and simple buffers (``_FlatBuffer``, ``_SimpleBuffer``) and the
   sparse-gradient watch.
+* ``torch_bridge/_cuda.py``: what differs on CUDA (JAX's preallocation, alignment, stream order).
 
 The names other modules use are re-exported here (``from torch_bridge.optimizer import StepSpec`` works).
 """

@@ -10,6 +10,7 @@ F. sparse gradients (``nn.Embedding(sparse=True)``) were densified silently when
 """
 
 import collections
+import os
 import warnings
 
 import pytest
@@ -20,6 +21,15 @@ import torch_bridge as tb
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore:ELRA. JAX x64 is off:UserWarning")]
+
+# the device the tests run on: cpu unless TORCH_BRIDGE_TEST_DEVICE names another (scripts/gpu_check.sh runs this
+# module with TORCH_BRIDGE_TEST_DEVICE=cuda); models and tensors are made on the CPU and moved there
+DEVICE = torch.device(os.environ.get("TORCH_BRIDGE_TEST_DEVICE", "cpu"))
+
+
+def on(t):
+    return t.to(DEVICE)
+
 
 # every bridge class; the ones built on JaxOptimizer's per-group runtime (state edits apply) are GENERIC
 FACTORIES = {
@@ -47,10 +57,10 @@ def step(opt, loss):
 
 def model(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    return on(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)))
 
 
-X = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+X = on(torch.randn(5, 4, generator=torch.Generator().manual_seed(1)))
 
 
 def loss_of(m):
@@ -106,7 +116,7 @@ def test_manual_gradients_match_torch(name, kw, flat):
     """The issue's reproductions against torch.optim: ``p.grad = g`` on a fresh optimizer, ``copy_`` into an
     existing grad, accumulation over micro-batches, a parameter without a gradient on one step."""
     torch.manual_seed(0)
-    a0, b0 = torch.randn(5), torch.randn(3)
+    a0, b0 = on(torch.randn(5)), on(torch.randn(3))
     pairs = []
     for opt_cls in (getattr(torch.optim, name), getattr(tb, name)):
         a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
@@ -120,7 +130,7 @@ def test_manual_gradients_match_torch(name, kw, flat):
         o.zero_grad(set_to_none=False)
         assert b.grad is None
         a.grad.copy_(ga * 0.5)
-        b.grad = torch.ones(3)
+        b.grad = on(torch.ones(3))
         o.step()
         for _ in range(2):  # two micro-batches accumulate
             ((a ** 3).sum() + (b * a[:3]).sum()).backward()
@@ -142,7 +152,7 @@ def test_grad_scaler_and_clip_grad_norm_with_fresh_grads():
     o1 = torch.optim.Adam(m1.parameters(), lr=0.01, foreach=False)
     o2 = tb.Adam(m2.parameters(), lr=0.01)
     for m, o in ((m1, o1), (m2, o2)):
-        scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+        scaler = torch.amp.GradScaler(DEVICE.type, init_scale=8.0)
         for _ in range(3):
             o.zero_grad()
             scaler.scale(loss_of(m)).backward()
@@ -189,7 +199,7 @@ def test_default_loop_pays_one_grad_copy_and_set_to_none_false_none(monkeypatch)
 @pytest.mark.parametrize("name", ALL)
 def test_grad_is_none_where_torch_leaves_it_none(name):
     torch.manual_seed(0)
-    used, unused = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    used, unused = on(torch.nn.Linear(4, 2)), on(torch.nn.Linear(4, 2))
     params = list(used.parameters()) + list(unused.parameters())
     o = FACTORIES[name](params)
     assert all(p.grad is None for p in params)  # before the first backward
@@ -232,7 +242,7 @@ def test_state_edits_match_torch(name, edit):
                 if edit == "inplace":
                     o.state[p][key].mul_(0.25)
                 elif edit == "assign":
-                    o.state[p][key] = torch.full_like(p, 0.01)
+                    o.state[p][key] = torch.full_like(p, 0.01)  # on p's device
                 elif edit == "delete":
                     del o.state[p]
                 else:
@@ -413,11 +423,11 @@ def test_compiled_model_inductor():
 @pytest.mark.parametrize("name", ALL)
 def test_sparse_gradients_raise_naming_the_parameter(name):
     torch.manual_seed(0)
-    emb = torch.nn.Embedding(6, 2, sparse=True)
-    lin = torch.nn.Linear(2, 1)
+    emb = on(torch.nn.Embedding(6, 2, sparse=True))
+    lin = on(torch.nn.Linear(2, 1))
     params = [lin.weight, lin.bias, emb.weight]
     o = FACTORIES[name](params)
-    idx = torch.tensor([0, 3])
+    idx = on(torch.tensor([0, 3]))
 
     def loss():
         return (lin(emb(idx)) ** 2).mean() + 1.0
@@ -433,8 +443,8 @@ def test_sparse_gradients_raise_naming_the_parameter(name):
     if name == "EnhancedSGD":
         return  # takes torch's .grad as it is: a sparse gradient accumulated into a dense one is dense there
     # 2. .grad dense before backward (zero_grad(set_to_none=False) after a dense step): autograd densifies
-    emb.weight.grad = torch.zeros(6, 2)
-    lin.weight.grad, lin.bias.grad = torch.zeros(1, 2), torch.zeros(1)
+    emb.weight.grad = on(torch.zeros(6, 2))
+    lin.weight.grad, lin.bias.grad = on(torch.zeros(1, 2)), on(torch.zeros(1))
     o.zero_grad(set_to_none=False)
     loss().backward()
     assert not emb.weight.grad.is_sparse
