@@ -224,7 +224,11 @@ class EnhancedSGD(JaxOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         torch.optim.Optimizer.add_param_group(self, param_group)
-        self._check_groups()
+        try:
+            self._check_groups()
+        except BaseException:
+            self.param_groups.pop()  # a group that fails its checks is not added (as JaxOptimizer's)
+            raise
         if getattr(self, "_jstate", None) is not None:
             self._export()
             self._jstate = None  # rebuilt (with the new parameters) from the torch-side state

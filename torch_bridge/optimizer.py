@@ -475,13 +475,16 @@ class JaxOptimizer(torch.optim.Optimizer):
 
     def _check_complex(self, params, labels) -> None:
         """Complex parameters: stepped as their real view (torch.optim's rule) by elementwise classes; any
-        other class raises ``ValueError`` naming the parameter (see docs/bridge.md, "Complex parameters")."""
+        other class raises ``ValueError`` naming the parameter (see docs/bridge.md, "Complex parameters").
+        Run when a group is added; the other dtype checks run when the parameters are adopted (first step)."""
         for p, label in zip(params, labels):
-            dlpack.check_dtype(p, allow_complex=self.elementwise, owner=type(self).__name__, label=label)
+            if p.is_complex() and not self.elementwise:
+                dlpack.check_dtype(p, owner=type(self).__name__, label=label)
 
     def _adopt_group(self, group) -> _GroupRuntime:
         params = list(group["params"])
-        self._check_complex(params, param_labels(self.param_groups, params))
+        for p, label in zip(params, param_labels(self.param_groups, params)):
+            dlpack.check_dtype(p, allow_complex=self.elementwise, owner=type(self).__name__, label=label)
         _, supports_segments = entry_info(self._entry_for_group(group))
         flat_ok = [self.flat and supports_segments and _flat_candidate(p) for p in params]
         _exclude_overlaps(params, flat_ok)
