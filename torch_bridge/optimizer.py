@@ -39,6 +39,13 @@ How a step works (flat path, the default)
 * The new parameters land in a donated JAX-owned scratch buffer and are written back with one
   ``copy_`` into the flat torch buffer (whose data pointer therefore never changes).
 
+Complex parameters (elementwise classes only; the others raise ``ValueError`` naming the parameter when the
+group is added) are stepped as torch.optim steps them, as their real view ``torch.view_as_real(p)``: JAX sees
+a real array of shape ``(*p.shape, 2)`` (in a flat buffer, ``2 * numel`` reals of the component dtype, shared
+with the real parameters of that dtype; ``p.data`` and the gradient segment are ``view_as_complex`` views of
+it), and the per-element state is exported as complex tensors of ``p``'s shape (imported back through their
+real view, so edits of them take effect like any other). See :mod:`torch_bridge.dlpack`.
+
 Parameters that are views, overlap another parameter, are not contiguous, or groups of several dtypes
 for an optimizer that is not elementwise, use the *simple path*: a per-parameter pytree imported at
 each step and written back with ``copy_`` (same results, slower with many tensors). ``flat=False``

@@ -328,3 +328,9 @@ def test_complex128_needs_x64():
     assert not jax.config.jax_enable_x64
     with pytest.raises(TypeError, match="complex128 parameters need JAX's 64-bit mode"):
         tb.Adam([p], lr=0.1)
+
+
+def test_complex32_is_not_supported():
+    p = torch.zeros(2, dtype=torch.complex32, requires_grad=True)
+    with pytest.raises(TypeError, match="dtype torch.complex32 is not supported"):
+        tb.Adam([p], lr=0.1)
