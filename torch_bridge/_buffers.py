@@ -23,7 +23,7 @@ import torch
 from jaxopt_suite._common import FlatLayout
 
 from . import _cuda, dlpack
-from ._state_map import _MISSING, _as_tensor, _rebuild_state, _scalar_of, _walk_state, _warn_user
+from ._state_map import _MISSING, _element_state, _rebuild_state, _scalar_of, _walk_state, _warn_user
 from ._step_cache import StepSpec, _compiled_init, _compiled_step
 
 __all__ = ["SIMPLE_PATH_WARN_LEAVES", "sparse_gradient_error"]
@@ -227,17 +227,24 @@ class _Buffer:
 
 
 class _FlatBuffer(_Buffer):
-    """Params of one dtype/device packed into one flat torch buffer; p.data / p.grad are its views."""
+    """Params of one dtype/device packed into one flat torch buffer; p.data / p.grad are its views.
+
+    A complex parameter joins the buffer of its component dtype (complex64 with float32) as its real view:
+    its segment holds ``2 * numel`` reals (``(re, im)`` pairs), ``p.data`` / its gradient segment are
+    ``view_as_complex`` of that segment, and its per-element state is exported as complex tensors.
+    """
 
     flat = True
 
     def __init__(self, params, elementwise: bool, write_back: str = "copy", labels=None):
         super().__init__(params, labels)
         self.write_back = write_back
-        dtype, device = params[0].dtype, params[0].device
+        dtype, device = dlpack.real_dtype(params[0].dtype), params[0].device
         self.elementwise = elementwise
-        # segments padded per platform (64 B CPU, 256 B CUDA): _cuda.segment_align_elements
-        self.layout = FlatLayout.from_shapes([tuple(p.shape) for p in params],
+        # segments of the real views (a complex parameter: (*shape, 2)), padded per platform (64 B CPU,
+        # 256 B CUDA: _cuda.segment_align_elements); offsets are multiples of that granule, hence even, so
+        # view_as_complex of a segment is always valid
+        self.layout = FlatLayout.from_shapes([dlpack.jax_shape(p) for p in params],
                                              _cuda.segment_align_elements(dtype, device))
         total = self.layout.total
         # on the parameters' device, aligned for a zero-copy import there (64 bytes CPU, 256 CUDA)
@@ -250,8 +257,8 @@ class _FlatBuffer(_Buffer):
         with torch.no_grad():
             for i, p in enumerate(params):
                 off, n = self.layout.offsets[i], self.layout.numels[i]
-                pv = self.flat_p[off:off + n].view(p.shape)
-                gv = self.flat_g[off:off + n].view(p.shape)
+                pv = dlpack.from_real(self.flat_p[off:off + n].view(dlpack.jax_shape(p)), p)
+                gv = dlpack.from_real(self.flat_g[off:off + n].view(dlpack.jax_shape(p)), p)
                 pv.copy_(p.detach())
                 p.data = pv
                 self.pviews.append(pv)
@@ -277,7 +284,7 @@ class _FlatBuffer(_Buffer):
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 off, n = self.layout.offsets[i], self.layout.numels[i]
-                pv = flat_p[off:off + n].view(p.shape)
+                pv = dlpack.from_real(flat_p[off:off + n].view(dlpack.jax_shape(p)), p)
                 p.data = pv
                 self.pviews[i] = pv
                 self.ptrs[i] = pv.data_ptr()
@@ -314,7 +321,8 @@ class _FlatBuffer(_Buffer):
         if id(leaf) not in host_cache:
             host_cache[id(leaf)] = dlpack.to_torch(leaf)
         off, n = self.layout.offsets[i], self.layout.numels[i]
-        return host_cache[id(leaf)][off:off + n].view(self.params[i].shape).clone()
+        p = self.params[i]
+        return dlpack.from_real(host_cache[id(leaf)][off:off + n].view(dlpack.jax_shape(p)).clone(), p)
 
     def _fill_field(self, sub, key, presence, torch_states):
         leaf = sub[0]
@@ -324,7 +332,7 @@ class _FlatBuffer(_Buffer):
             out = dlpack.to_torch(leaf).clone()
             for i, st in enumerate(torch_states):
                 if st and key in st:
-                    value = _as_tensor(st[key], i, self.params[i])
+                    value = _element_state(st[key], i, self.params[i], key)
                     off, num = self.layout.offsets[i], self.layout.numels[i]
                     out[off:off + num].copy_(value.reshape(-1))
             return [dlpack.to_jax_copy(out)]
@@ -371,7 +379,7 @@ class _FlatBuffer(_Buffer):
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 if p.data_ptr() != self.ptrs[i]:
-                    if p.shape != self.pviews[i].shape or p.dtype != self.flat_p.dtype or p.device != self.flat_p.device:
+                    if p.shape != self.pviews[i].shape or p.dtype != self.pviews[i].dtype or p.device != self.flat_p.device:
                         rebuild = True
                         continue
                     self.pviews[i].copy_(p.detach())
@@ -515,7 +523,7 @@ class _SimpleBuffer(_Buffer):
             )
 
     def jax_params(self):
-        return [dlpack.to_jax(p) for p in self.params]
+        return [dlpack.to_jax(p, complex_as_real=True) for p in self.params]
 
     def nbytes(self) -> int:
         return sum(int(x.nbytes) for x in jax.tree.leaves(self.state))
@@ -526,15 +534,16 @@ class _SimpleBuffer(_Buffer):
                                      or not jnp.issubdtype(leaf.dtype, jnp.floating))
         if scalar:
             return opt._state_value_to_torch(key, np.asarray(leaf), p)
-        return dlpack.to_torch(leaf).clone()
+        out = dlpack.to_torch(leaf).clone()
+        return dlpack.from_real(out, p) if tuple(leaf.shape) == dlpack.jax_shape(p) else out
 
     def _fill_field(self, sub, key, presence, torch_states):
         out = []
         for i, (leaf, st) in enumerate(zip(sub, torch_states)):
             p = self.params[i]
-            if tuple(leaf.shape) == tuple(p.shape) and not (leaf.ndim == 0 and presence):
+            if tuple(leaf.shape) == dlpack.jax_shape(p) and not (leaf.ndim == 0 and presence):
                 if st and key in st:
-                    value = _as_tensor(st[key], i, p)
+                    value = _element_state(st[key], i, p, key)
                     out.append(dlpack.to_jax_copy(value.contiguous(), leaf.dtype))
                 else:
                     out.append(leaf)
@@ -574,7 +583,7 @@ class _SimpleBuffer(_Buffer):
         if not any(mask_host):
             return
         if self.device is None:
-            self.device = dlpack.to_jax(self.params[0]).devices().pop()
+            self.device = dlpack.to_jax(self.params[0], complex_as_real=True).devices().pop()
             if self.params[0].device.type == "cuda":
                 self._cuda_order = _cuda.order_mode(self.device)
         # CUDA, "sync" order (the default): block the host; "dlpack": the per-step imports below order it (_cuda)
@@ -591,11 +600,12 @@ class _SimpleBuffer(_Buffer):
         grads_j = []
         for p, has in zip(self.params, mask_host):
             if has:
-                grads_j.append(dlpack.to_jax(p.grad))
+                grads_j.append(dlpack.to_jax(p.grad, complex_as_real=True))
             else:
                 key = (tuple(p.shape), p.dtype)
                 if key not in self._zeros:
-                    self._zeros[key] = jax.device_put(jnp.zeros(p.shape, dlpack.to_jax(p).dtype), self.device)
+                    self._zeros[key] = jax.device_put(jnp.zeros(dlpack.jax_shape(p), params_j[len(grads_j)].dtype),
+                                                      self.device)
                 grads_j.append(self._zeros[key])
         mask = [np.bool_(m) for m in mask_host]
         self._export_cache = None
@@ -604,8 +614,8 @@ class _SimpleBuffer(_Buffer):
             _cuda.wait_for_jax((new_p, self.state))
         with torch.no_grad():
             for p, new, has in zip(self.params, new_p, mask_host):
-                if has:
-                    p.copy_(dlpack.to_torch(new))
+                if has:  # a complex parameter: the new real view as complex values
+                    p.copy_(dlpack.from_real(dlpack.to_torch(new), p))
         self.stepped |= self.marks
         self.stale_idx |= self.marks
 

@@ -106,8 +106,9 @@ def _jax_dtype_for(dtype: torch.dtype):
 
 
 def jax_shapes(params) -> list:
-    """``jax.ShapeDtypeStruct`` per torch parameter (for ``jax.eval_shape`` of an ``init``)."""
-    return [jax.ShapeDtypeStruct(tuple(p.shape), _jax_dtype_for(p.dtype)) for p in params]
+    """``jax.ShapeDtypeStruct`` per torch parameter (for ``jax.eval_shape`` of an ``init``): what JAX sees, the
+    real view ``(*shape, 2)`` of a complex parameter (:func:`torch_bridge.dlpack.jax_shape`)."""
+    return [jax.ShapeDtypeStruct(dlpack.jax_shape(p), _jax_dtype_for(dlpack.real_dtype(p.dtype))) for p in params]
 
 
 def _host_template(tree):
@@ -157,7 +158,10 @@ def _slot_problem(value, slot: StateSlot) -> Optional[str]:
             return f"is a {type(value).__name__}, expected a tensor of shape {slot.shape}"
         if tuple(value.shape) != tuple(slot.shape):
             return f"has shape {tuple(value.shape)}, expected {tuple(slot.shape)} (the parameter's shape)"
-        if _kind(value.dtype) not in ("f", _kind(slot.dtype)):
+        # a real parameter takes any floating tensor (torch casts it); a complex one a complex tensor only
+        # (torch.optim does not cast state for complex parameters, and its step would fail on a real one)
+        if _kind(value.dtype) not in ("f", _kind(slot.dtype)) or (_kind(slot.dtype) == "c"
+                                                                  and _kind(value.dtype) != "c"):
             return f"has dtype {_dtype_name(value.dtype)}, expected {_dtype_name(slot.dtype)}"
         return None
     if torch.is_tensor(value):
@@ -348,6 +352,22 @@ def _as_tensor(value, index: int, param: torch.Tensor) -> torch.Tensor:
             f"state of parameter {index} has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
         )
     return value.detach().to(device=param.device)
+
+
+def _element_state(value, index: int, param: torch.Tensor, key=None) -> torch.Tensor:
+    """A per-element state value (``exp_avg``...) of parameter ``index`` as the real tensor JAX sees: the value
+    itself for a real parameter, its real view (:func:`torch_bridge.dlpack.real_view`, shape ``(*shape, 2)``)
+    for a complex one. A complex value for a real parameter, or a real one for a complex parameter, is a
+    ``ValueError`` (casting would drop the imaginary part, or invent a zero one)."""
+    value = _as_tensor(value, index, param)
+    if value.is_complex() != param.is_complex():
+        what = f"state {key!r}" if key is not None else "state"
+        raise ValueError(f"{what} of parameter {index} has dtype {_dtype_name(value.dtype)}, expected "
+                         f"{_dtype_name(param.dtype)} (" + ("the parameter is real; casting would drop the "
+                                                            "imaginary part)" if value.is_complex() else
+                                                            "the parameter is complex: its state is complex, "
+                                                            "as in torch.optim)"))
+    return dlpack.real_view(value)
 
 
 _TORCH_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)

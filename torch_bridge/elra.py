@@ -348,8 +348,10 @@ class ELRA(JaxOptimizer):
                              "(only 'params' and 'lr', which ELRA ignores; 'nonfinite' is the constructor's).")
         torch.optim.Optimizer.add_param_group(self, param_group)
         new = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
-        for p in new:
-            dlpack.check_dtype(p)
+        # complex parameters raise (ValueError naming the parameter): ELRA's step sizes come from inner
+        # products over all parameters, not an elementwise rule (docs/bridge.md, "Complex parameters")
+        for p, label in zip(new, param_labels(self.param_groups, new)):
+            dlpack.check_dtype(p, owner="ELRA", label=label)
         if not new:
             return
         if self._jstate is not None:

@@ -207,6 +207,9 @@ class EnhancedSGD(JaxOptimizer):
     # ---- groups -------------------------------------------------------------------------------
     def _check_groups(self):
         for i, group in enumerate(self.param_groups):
+            # complex parameters raise (ValueError naming the parameter): the controller reads norms and
+            # statistics over whole tensors, not an elementwise rule (docs/bridge.md, "Complex parameters")
+            self._check_complex(list(group["params"]), param_labels(self.param_groups, group["params"]))
             for key in _SCALARS + _STATIC:
                 if _hashable(group.get(key)) != _hashable(self.defaults[key]):
                     raise ValueError(f"EnhancedSGD: option {key!r} is global; param group {i} overrides it "
@@ -221,7 +224,11 @@ class EnhancedSGD(JaxOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         torch.optim.Optimizer.add_param_group(self, param_group)
-        self._check_groups()
+        try:
+            self._check_groups()
+        except BaseException:
+            self.param_groups.pop()  # a group that fails its checks is not added (as JaxOptimizer's)
+            raise
         if getattr(self, "_jstate", None) is not None:
             self._export()
             self._jstate = None  # rebuilt (with the new parameters) from the torch-side state

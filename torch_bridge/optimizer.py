@@ -40,6 +40,13 @@ How a step works (flat path, the default)
 * The new parameters land in a donated JAX-owned scratch buffer and are written back with one
   ``copy_`` into the flat torch buffer (whose data pointer therefore never changes).
 
+Complex parameters (elementwise classes only; the others raise ``ValueError`` naming the parameter when the
+group is added) are stepped as torch.optim steps them, as their real view ``torch.view_as_real(p)``: JAX sees
+a real array of shape ``(*p.shape, 2)`` (in a flat buffer, ``2 * numel`` reals of the component dtype, shared
+with the real parameters of that dtype; ``p.data`` and the gradient segment are ``view_as_complex`` views of
+it), and the per-element state is exported as complex tensors of ``p``'s shape (imported back through their
+real view, so edits of them take effect like any other). See :mod:`torch_bridge.dlpack`.
+
 On CUDA (``torch_bridge/_cuda.py``, ``docs/gpu.md``)
 -------------------------------------------------
 * The flat buffers are allocated on the parameters' device, 256-byte aligned (64 on the CPU), and each
@@ -351,6 +358,8 @@ class JaxOptimizer(torch.optim.Optimizer):
         the group's values as given (tensors as Python numbers) to the entry's factory."""
         kinds, optional = self._group_kinds()
         V.check_group(group, kinds, optional)
+        params = list(group["params"])
+        self._check_complex(params, param_labels(self.param_groups, params))
         entry = self._entry_for_group(group)
         if self._generic:
             reg = registry.get(entry)
@@ -487,10 +496,18 @@ class JaxOptimizer(torch.optim.Optimizer):
         self._runtime: list[_GroupRuntime] = []
         self._runtime_valid = True
 
+    def _check_complex(self, params, labels) -> None:
+        """Complex parameters: stepped as their real view (torch.optim's rule) by elementwise classes; any
+        other class raises ``ValueError`` naming the parameter (see docs/bridge.md, "Complex parameters").
+        Run when a group is added; the other dtype checks run when the parameters are adopted (first step)."""
+        for p, label in zip(params, labels):
+            if p.is_complex() and not self.elementwise:
+                dlpack.check_dtype(p, owner=type(self).__name__, label=label)
+
     def _adopt_group(self, group) -> _GroupRuntime:
         params = list(group["params"])
-        for p in params:
-            dlpack.check_dtype(p)
+        for p, label in zip(params, param_labels(self.param_groups, params)):
+            dlpack.check_dtype(p, allow_complex=self.elementwise, owner=type(self).__name__, label=label)
         _, supports_segments = entry_info(self._entry_for_group(group))
         flat_ok = [self.flat and supports_segments and _flat_candidate(p) for p in params]
         _exclude_overlaps(params, flat_ok)
@@ -503,8 +520,8 @@ class JaxOptimizer(torch.optim.Optimizer):
         if self.elementwise:
             by_kind = collections.OrderedDict()
             for p, ok in zip(params, flat_ok):
-                if ok:
-                    by_kind.setdefault((p.dtype, p.device), []).append(p)
+                if ok:  # a complex parameter shares the buffer of its component dtype (as its real view)
+                    by_kind.setdefault((dlpack.real_dtype(p.dtype), p.device), []).append(p)
             for plist in by_kind.values():
                 buffers.append(_FlatBuffer(plist, elementwise=True, write_back=self.write_back,
                                            labels=labels(plist)))
@@ -695,6 +712,12 @@ class JaxOptimizer(torch.optim.Optimizer):
                              "conversion maps one group onto one JAX transformation (convert each group's "
                              "parameters with an optimizer of that group alone)")
         group = self.param_groups[0]
+        for p, label in zip(group["params"], param_labels(self.param_groups, group["params"])):
+            if p.is_complex():
+                # the bridge keeps a complex parameter's state as real (re, im) views, a JAX transformation
+                # on complex leaves keeps complex state: no one-to-one conversion is defined (yet)
+                raise ValueError(f"{type(self).__name__}: {label} is complex ({str(p.dtype).replace('torch.', '')}); "
+                                 "checkpoint conversion between the bridge and JAX supports real parameters only")
         entry_name = self._entry_for_group(group)
         hyper = self._hyperparams(group)
         static = self._static_items(group, policy=False)
@@ -768,9 +791,12 @@ class JaxOptimizer(torch.optim.Optimizer):
                 for i, p in enumerate(params):
                     leaf = np.asarray(sub[i])
                     floating = jnp.issubdtype(leaf.dtype, jnp.floating)
-                    element = (tuple(leaf.shape) == tuple(p.shape) and floating
+                    element = (tuple(leaf.shape) == dlpack.jax_shape(p) and floating
                                and not (leaf.ndim == 0 and self._is_scalar_key(key)))
-                    slots[i][key] = StateSlot(tuple(leaf.shape), leaf.dtype, element)
+                    if element and p.is_complex():  # JAX keeps the real view; torch sees a complex tensor
+                        slots[i][key] = StateSlot(tuple(p.shape), p.dtype, True)
+                    else:
+                        slots[i][key] = StateSlot(tuple(leaf.shape), leaf.dtype, element)
             per_param.append(slots)
             group_slots.append(gslots)
         return LoadSpec(per_param, frozenset(vocabulary), dict(self._optional_state_keys), group_slots=group_slots)
