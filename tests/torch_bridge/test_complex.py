@@ -162,10 +162,12 @@ def test_parity_with_torch_swap_write_back(case_id):
 
 def test_complex_and_real_share_one_flat_buffer_and_views():
     """complex64 joins the float32 flat buffer as its real view: one buffer, ``p`` and ``p.grad`` are complex
-    views of their segments (zero copy), ``p.grad`` stays the tensor autograd made (moved onto its segment)."""
+    views of their segments (zero copy), ``p.grad`` stays the tensor autograd made (moved onto its segment once
+    it survives a step)."""
     ps = leaf_copies(start(torch.complex64))
     opt = tb.Adam(ps, lr=0.05)
     run(opt, ps, 1)
+    opt.step()  # the same .grad tensors at a second step: moved onto their segments
     (buf,) = opt._runtime[0].buffers
     assert buf.flat and buf.flat_p.dtype == torch.float32
     for p, off in zip(ps, buf.layout.offsets):

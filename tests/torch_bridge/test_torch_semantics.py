@@ -164,8 +164,10 @@ def test_grad_scaler_and_clip_grad_norm_with_fresh_grads():
 
 
 def test_default_loop_pays_one_grad_copy_and_set_to_none_false_none(monkeypatch):
-    """Fresh grads (after zero_grad()) are copied into the flat buffer once per step and p.grad then is its
-    segment; with zero_grad(set_to_none=False) backward accumulates into the segments: no copy."""
+    """Fresh grads (after zero_grad()) are copied into the flat buffer once per step and left where autograd
+    put them (zero_grad() drops them anyway); a grad that survives to the next step
+    (zero_grad(set_to_none=False)) is copied once more and moved onto its segment, and from then on backward
+    accumulates into the segments: no copy."""
     m = model()
     o = tb.Adam(m.parameters(), lr=0.01)
     buf = o._runtime[0].buffers[0]
@@ -181,16 +183,22 @@ def test_default_loop_pays_one_grad_copy_and_set_to_none_false_none(monkeypatch)
     loss_of(m).backward()
     o.step()
     assert copies == [4]
-    assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(m.parameters(), buf.gviews))
+    assert not any(p.grad.data_ptr() == v.data_ptr() for p, v in zip(m.parameters(), buf.gviews))
+    grads = [p.grad for p in m.parameters()]
+    o.zero_grad(set_to_none=False)
+    loss_of(m).backward()
+    o.step()
+    assert copies == [4, 4]  # the survivors: copied and moved onto their segments (same objects)
+    assert all(p.grad is g and g.data_ptr() == v.data_ptr() for p, g, v in zip(m.parameters(), grads, buf.gviews))
     for _ in range(2):
         o.zero_grad(set_to_none=False)
         loss_of(m).backward()
         o.step()
-    assert copies == [4]
+    assert copies == [4, 4]
     o.zero_grad()
     loss_of(m).backward()
     o.step()
-    assert copies == [4, 4]
+    assert copies == [4, 4, 4]
 
 
 # ---- B: p.grad is None where torch leaves it None -----------------------------------------------------------
