@@ -18,12 +18,12 @@ How a step works (flat path, the default)
   accumulation over micro-batches), ``p.grad = g``, in-place ``p.grad.copy_/add_``, ``autograd.grad`` or
   ``torch.func`` results, GradScaler's unscale, ``clip_grad_norm_``, DDP's views.
 * At ``step()`` each non-None ``.grad`` that is not already its segment of the flat gradient buffer (same
-  data pointer, dtype, shape and strides) is copied in, all together with one ``torch._foreach_copy_``,
-  and ``p.grad`` is re-pointed to its segment (values unchanged). Cost: at most one copy of the gradients
-  per step. The default loop ``zero_grad(); backward(); step()`` pays it (torch allocates fresh ``.grad``
-  tensors after ``set_to_none=True``); accumulation into a ``.grad`` that already is a segment -- the
-  second micro-batch, ``zero_grad(set_to_none=False)`` -- is zero-copy, and so is a ``.grad`` assigned once
-  and then edited in place.
+  data pointer, dtype, shape and strides) is copied in, all together with one ``torch._foreach_copy_``.
+  A copied ``.grad`` that is still ``p.grad`` at the next step (it survived ``zero_grad(set_to_none=False)``
+  or is accumulated across steps) is re-pointed to its segment then (values unchanged, same tensor object);
+  from the step after, accumulation into it is zero-copy. Cost: at most one copy of the gradients per step.
+  The default loop ``zero_grad(); backward(); step()`` pays it (torch allocates fresh ``.grad`` tensors
+  after ``set_to_none=True``, and they are not re-pointed: ``zero_grad()`` drops them).
 * Sparse gradients raise ``RuntimeError`` at ``step()``, naming the parameter, before any parameter
   changes. A tensor hook per trainable parameter notes a sparse gradient even when autograd accumulates it
   into a dense ``.grad`` (which would densify it silently); it only reads the layout.
