@@ -34,6 +34,9 @@ class ASGD(JaxOptimizer):
         V.check_lr(lr, foreach=False)
         V.check_weight_decay(weight_decay)
         V.check_momentum(momentum)
+        # ASGD has no fused option; differentiable=True is accepted and ignored with a warning, as on the
+        # other classes (it was silently ignored here)
+        V.check_flags(foreach=foreach, differentiable=differentiable)
         self.scalar_dtype = None  # torch's scalar dtype, fixed at the first step as torch creates its state
         defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable,
