@@ -70,8 +70,10 @@ def _import_common_optimizers():
     finally:
         if shim is not None and sys.modules.get("expecttest") is shim:
             del sys.modules["expecttest"]
-        if not frozen:
-            setattr(torch.backends, "__allow_nonbracketed_mutation_flag", True)
+        if not frozen and torch.backends.flags_frozen():
+            # the flag lives in the globals of torch/backends/__init__.py (sys.modules holds a wrapper module)
+            torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+            assert not torch.backends.flags_frozen()
     return common_optimizers
 
 
@@ -329,6 +331,15 @@ def test_every_torch_named_bridge_class_is_driven():
     for info in INFOS:  # torch's own invariant: inputs carry no implementation flag (tests add them)
         for inp in cpu_inputs(info):
             assert not {"foreach", "fused", "differentiable"} & set(inp.kwargs), (info.name, inp.desc)
+
+
+def test_importing_torchs_test_inputs_leaves_torch_as_it_was():
+    """The import above undid common_utils' disable_global_flags (the rest of the suite may set backend
+    flags) and left no stand-in ``expecttest`` module behind."""
+    assert not torch.backends.flags_frozen()
+    torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled  # raises while the flags are frozen
+    stub = sys.modules.get("expecttest")
+    assert stub is None or hasattr(stub, "__file__")
 
 
 # ---- (a) trajectory parity, (h) maximize -------------------------------------------------------------------
