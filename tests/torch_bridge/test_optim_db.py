@@ -267,10 +267,11 @@ def assert_state_close(sd_torch, sd_bridge, dtype, *, exact=False, extra_rel=0.0
     """Same per-parameter keys, value kinds, dtypes and shapes as torch, values within the error model of each
     tensor's dtype (relative to the tensor's own magnitude, plus ``extra_rel`` of it); ``exact``: bit-identical.
 
-    ``after_load``: accept the known divergence of state dicts after ``load_state_dict`` (report, ASGD): torch's
-    load casts 0-d float32 scalars (``eta``, ``mu``) to a float64 parameter's dtype, and its later steps write
-    float32-rounded values into them (``copy_`` of a default-dtype ``torch.as_tensor``); the bridge keeps them
-    float32. Accepted only when torch's float64 value is exactly a float32 number, then compared as float32.
+    ``after_load``: accept the known divergence of state dicts after ``load_state_dict`` (ASGD; docs/bridge.md,
+    caveats): torch's load casts 0-d float32 scalars (``eta``, ``mu``) to a float64 parameter's dtype, and its
+    later steps write float32-rounded values into them (``copy_`` of a default-dtype ``torch.as_tensor``); the
+    bridge keeps them float32. Accepted only when torch's float64 value is exactly a float32 number, then
+    compared as float32.
     """
     st, sb = sd_torch["state"], sd_bridge["state"]
     assert st.keys() == sb.keys()
@@ -297,9 +298,9 @@ def assert_state_close(sd_torch, sd_bridge, dtype, *, exact=False, extra_rel=0.0
 
 def complement_rounding(group) -> float:
     """Relative error of the weights 1 - β of a group's ``betas`` when the bridge traces β in float32 (JAX x64
-    off): (1 - f32(β)) vs torch's f32(1 - β), |f32(β) - β| / (1 - β); 1.3e-5 at β = 0.999 (report: divergence
-    of the float32 moment state; the parameters move by ~1e-9 of it because the bias correction uses the same
-    weight)."""
+    off): (1 - f32(β)) vs torch's f32(1 - β), |f32(β) - β| / (1 - β); 1.3e-5 at β = 0.999 (a known divergence
+    of the float32 moment state, docs/bridge.md caveats; the parameters barely feel it because the bias
+    correction uses the same weight)."""
     out = 0.0
     for beta in group.get("betas", ()):
         beta = float(beta)
@@ -415,7 +416,8 @@ def test_trajectory_parity(info, index, dtype, flags):
 
 
 def _adam_infos():
-    return [pytest.param(info, id=info.name) for info in INFOS if "betas" in inspect.signature(info.optim_cls).parameters]
+    return [pytest.param(info, id=info.name) for info in INFOS
+            if "betas" in inspect.signature(info.optim_cls).parameters]
 
 
 @pytest.mark.xfail(strict=True, reason="known divergence: with JAX x64 off the bridge traces β2 in float32 and "
