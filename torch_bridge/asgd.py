@@ -69,6 +69,24 @@ class ASGD(JaxOptimizer):
             static["momentum"] = None
         return static
 
+    def _state_value_to_torch(self, key, value, param):
+        """``eta`` and ``mu`` keep the dtype their torch-side entry already has.
+
+        torch.optim.ASGD creates them in its scalar dtype, but its ``load_state_dict`` casts them to the
+        parameter's dtype (every floating entry but ``step``) and its later steps ``copy_`` the new values into
+        those tensors, so after a reload a float64 parameter's ``eta`` is a float64 tensor holding the
+        float32-rounded value. The bridge computes in its scalar dtype as before and only reports the value in
+        the dtype of the entry it replaces (for float16/bfloat16 parameters torch's later steps then also use
+        the rounded ``eta``; that is not reproduced).
+        """
+        out = super()._state_value_to_torch(key, value, param)
+        if key in ("eta", "mu") and torch.is_tensor(out):
+            current = dict.get(self.state, param)
+            old = current.get(key) if isinstance(current, dict) else None
+            if torch.is_tensor(old) and old.is_floating_point() and old.dtype != out.dtype:
+                out = out.to(old.dtype)
+        return out
+
     @contextlib.contextmanager
     def averaged(self):
         """Temporarily put the averaged weights ``ax`` into the parameters (for evaluation)."""

@@ -263,15 +263,9 @@ def assert_groups_match(torch_groups, bridge_groups, info, *, ignore=()):
         assert [p.shape for p in gt["params"]] == [p.shape for p in gb["params"]]
 
 
-def assert_state_close(sd_torch, sd_bridge, dtype, *, exact=False, extra_rel=0.0, after_load=False):
+def assert_state_close(sd_torch, sd_bridge, dtype, *, exact=False, extra_rel=0.0):
     """Same per-parameter keys, value kinds, dtypes and shapes as torch, values within the error model of each
     tensor's dtype (relative to the tensor's own magnitude, plus ``extra_rel`` of it); ``exact``: bit-identical.
-
-    ``after_load``: accept the known divergence of state dicts after ``load_state_dict`` (ASGD; docs/bridge.md,
-    caveats): torch's load casts 0-d float32 scalars (``eta``, ``mu``) to a float64 parameter's dtype, and its
-    later steps write float32-rounded values into them (``copy_`` of a default-dtype ``torch.as_tensor``); the
-    bridge keeps them float32. Accepted only when torch's float64 value is exactly a float32 number, then
-    compared as float32.
     """
     st, sb = sd_torch["state"], sd_bridge["state"]
     assert st.keys() == sb.keys()
@@ -283,9 +277,6 @@ def assert_state_close(sd_torch, sd_bridge, dtype, *, exact=False, extra_rel=0.0
             if not torch.is_tensor(vt):
                 assert vt == vb, (index, key, vt, vb)
                 continue
-            if (after_load and vt.ndim == 0 and vt.dtype == torch.float64 and vb.dtype == torch.float32
-                    and torch.equal(vt, vt.float().double())):
-                vt = vt.float()
             assert vt.dtype == vb.dtype and vt.shape == vb.shape, (index, key, vt.dtype, vb.dtype, vt.shape, vb.shape)
             if exact or key == "step":
                 assert torch.equal(vt, vb), (index, key, vt, vb)
@@ -437,12 +428,9 @@ def test_float32_second_moment_matches_torch(info):
     assert max_diff(*[[v] for v in sds]) <= 4 * EPS32 * scale
 
 
-@pytest.mark.xfail(strict=True, reason="known divergence: after load_state_dict torch.optim.ASGD's eta/mu of "
-                                       "float64 parameters are float64 tensors (its load casts them; its steps "
-                                       "then write float32-rounded values into them), the bridge keeps them "
-                                       "float32 (same values)")
 def test_asgd_scalar_dtype_after_load_matches_torch():
-    """After a reload and a step, ASGD's eta has torch's dtype."""
+    """After a reload and a step, ASGD's eta and mu have torch's dtype: torch's load casts them to the float64
+    parameter's dtype and its steps keep that dtype (with float32-rounded values); the bridge's were float32."""
     dtypes = []
     for cls in (torch.optim.ASGD, tb.ASGD):
         with x64_for(torch.float64):
@@ -453,8 +441,9 @@ def test_asgd_scalar_dtype_after_load_matches_torch():
             opt.load_state_dict(copy.deepcopy(opt.state_dict()))
             fwd_bwd(opt, w, b, x)
             opt.step()
-            dtypes.append(opt.state_dict()["state"][0]["eta"].dtype)
-    assert dtypes[0] == torch.float64
+            st = opt.state_dict()["state"][0]
+            dtypes.append((st["eta"].dtype, st["mu"].dtype))
+    assert dtypes[0] == (torch.float64, torch.float64)
     assert dtypes[1] == dtypes[0]
 
 
@@ -661,7 +650,7 @@ def test_state_dict_between_torch_and_bridge(info, index, direction):
     (loaded_ref, p_ref, sd_ref), (loaded, p, sd) = results
     assert_state_close(loaded_ref, loaded, dtype, exact=direction == "torch_to_bridge")
     assert max_diff(p_ref, p) <= tolerance(dtype, max_abs(p_ref))
-    assert_state_close(sd_ref, sd, dtype, after_load=True)
+    assert_state_close(sd_ref, sd, dtype)
 
 
 @pytest.mark.parametrize("info,index", input_params())
@@ -696,7 +685,7 @@ def test_older_and_nontensor_step_state_dicts(info, index):
             results.append(([w.detach().clone(), b.detach().clone()], opt.state_dict(), opt.param_groups))
     (pt, sdt, gt), (pb, sdb, gb) = results
     assert max_diff(pt, pb) <= tolerance(dtype, max_abs(pt))
-    assert_state_close(sdt, sdb, dtype, after_load=True)
+    assert_state_close(sdt, sdb, dtype)
     assert_groups_match(gt, gb, info, ignore=("foreach",))
 
 
