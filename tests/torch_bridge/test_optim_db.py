@@ -14,8 +14,8 @@ compares against the torch class itself wherever torch's test only checks a dire
     tests on CPU; (b) the error inputs; (c) state_dict determinism, older and non-tensor-step state dicts,
     ``weights_only`` round trips, loading torch's state dicts into the bridge and the bridge's into torch;
 (d) step, state_dict and load_state_dict hooks; (e) zero and None gradients; (f) param groups and
-``add_param_group``; (g) tensor lr and tensor betas; (h) maximize; (i) complex parameters (the bridge rejects
-them for now: ``xfail(strict=True)`` against torch's behaviour, which is recorded by a passing test).
+``add_param_group``; (g) tensor lr and tensor betas; (h) maximize; (i) complex parameters (view_as_real pairs,
+as torch steps them).
 
 Implementation flags: the bridge accepts ``foreach``, ``fused`` and ``capturable`` and ignores them
 numerically, so the bridge runs with each flag torch tests and is compared against torch's forloop.
@@ -1055,21 +1055,18 @@ def test_tensor_lr(info, index):
 # ---- (i) complex parameters ---------------------------------------------------------------------------------
 
 
-def _complex_case(cls):
+def _complex_case(cls, kwargs=None):
     """torch's test_complex: a complex (10, 5), a complex (10,) and a real (10, 5) parameter against their
     view_as_real copies, 3 steps of random gradients; returns (complex params as real, real params)."""
+    kwargs = kwargs or {}
     g = torch.Generator().manual_seed(0)
     complex_params = [torch.randn(10, 5, generator=g, dtype=torch.complex64, requires_grad=True),
                       torch.randn(10, generator=g, dtype=torch.complex64, requires_grad=True),
                       torch.randn(10, 5, generator=g, dtype=torch.float32, requires_grad=True)]
     real_params = [(torch.view_as_real(p) if p.is_complex() else p).detach().clone().requires_grad_()
                    for p in complex_params]
-    try:
-        complex_opt = cls(complex_params)
-    except ValueError as exc:  # the bridge's current answer: it must say what is unsupported and what to do
-        assert "complex" in str(exc) and "view_as_real" in str(exc), str(exc)
-        raise
-    real_opt = cls(real_params)
+    complex_opt = cls(complex_params, **copy.deepcopy(kwargs))
+    real_opt = cls(real_params, **copy.deepcopy(kwargs))
     for _ in range(3):
         for pc, pr in zip(complex_params, real_params):
             grad = torch.randn(pr.shape, generator=g)
@@ -1077,33 +1074,30 @@ def _complex_case(cls):
             pc.grad = torch.view_as_complex(grad.clone()) if pc.is_complex() else grad.clone()
         real_opt.step()
         complex_opt.step()
-    return [torch.view_as_real(p) if p.is_complex() else p for p in complex_params], real_params
+    return [torch.view_as_real(p).detach() if p.is_complex() else p.detach() for p in complex_params], \
+        [p.detach() for p in real_params]
 
 
 def complex_params():
-    return [pytest.param(info, id=info.name) for info in INFOS if info.supports_complex]
+    """torch's test_complex inputs: every CPU input of the infos with supports_complex (torch skips the
+    differentiable and fused variants; on CPU no other flag is added)."""
+    return [p for p in input_params() if p.values[0].supports_complex]
 
 
-@pytest.mark.parametrize("info", complex_params())
-def test_torch_steps_complex_as_view_as_real(info):
-    """What the bridge has to match (torch's test_complex): torch.optim steps a complex parameter exactly as
-    its view_as_real pair (assertEqual in torch: within float32 closeness; Adam/AdamW/ASGD are bit-identical
-    here, SGD's complex multiply-add rounds differently by up to 2e-9)."""
-    as_real, real = _complex_case(lambda ps: info.optim_cls(ps, foreach=False))
-    for a, b in zip(as_real, real):
+@pytest.mark.parametrize("info,index", complex_params())
+def test_complex_as_view_as_real(info, index):
+    """torch's test_complex on torch.optim and on the bridge: a complex parameter steps exactly as its
+    view_as_real pair (torch's assertEqual: float32 closeness; torch's Adam/AdamW/ASGD are bit-identical
+    here, its SGD's complex multiply-add rounds differently by up to 2e-9), and the bridge's complex
+    trajectory matches torch's (float32 model over 3 steps)."""
+    kwargs = cpu_inputs(info)[index].kwargs
+    as_real_t, real_t = _complex_case(info.optim_cls, torch_kwargs(kwargs))
+    as_real_b, real_b = _complex_case(bridge_of(info), kwargs)
+    for a, b in zip(as_real_t, real_t):
         torch.testing.assert_close(a, b)
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="the bridge rejects complex parameters at construction with a ValueError that names "
-                          "them and points to view_as_real (specs/torch_semantics.md §8.13 allows this); "
-                          "complex support via view_as_real pairs is another helper's task")
-@pytest.mark.parametrize("info", complex_params())
-def test_bridge_steps_complex_as_view_as_real(info):
-    """torch's test_complex on the bridge: a complex parameter follows its view_as_real pair."""
-    as_real, real = _complex_case(bridge_of(info))
-    for a, b in zip(as_real, real):
+    for a, b in zip(as_real_b, real_b):
         torch.testing.assert_close(a, b)
+    assert max_diff(as_real_t, as_real_b) <= tolerance(torch.float32, max_abs(as_real_t), 3)
 
 
 # ---- object behaviour --------------------------------------------------------------------------------------
