@@ -34,6 +34,9 @@ class ASGD(JaxOptimizer):
         V.check_lr(lr, foreach=False)
         V.check_weight_decay(weight_decay)
         V.check_momentum(momentum)
+        # ASGD has no fused option; differentiable=True is accepted and ignored with a warning, as on the
+        # other classes (it was silently ignored here)
+        V.check_flags(foreach=foreach, differentiable=differentiable)
         self.scalar_dtype = None  # torch's scalar dtype, fixed at the first step as torch creates its state
         defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable,
@@ -65,6 +68,24 @@ class ASGD(JaxOptimizer):
         if float(group["momentum"]) == 0.0:
             static["momentum"] = None
         return static
+
+    def _state_value_to_torch(self, key, value, param):
+        """``eta`` and ``mu`` keep the dtype their torch-side entry already has.
+
+        torch.optim.ASGD creates them in its scalar dtype, but its ``load_state_dict`` casts them to the
+        parameter's dtype (every floating entry but ``step``) and its later steps ``copy_`` the new values into
+        those tensors, so after a reload a float64 parameter's ``eta`` is a float64 tensor holding the
+        float32-rounded value. The bridge computes in its scalar dtype as before and only reports the value in
+        the dtype of the entry it replaces (for float16/bfloat16 parameters torch's later steps then also use
+        the rounded ``eta``; that is not reproduced).
+        """
+        out = super()._state_value_to_torch(key, value, param)
+        if key in ("eta", "mu") and torch.is_tensor(out):
+            current = dict.get(self.state, param)
+            old = current.get(key) if isinstance(current, dict) else None
+            if torch.is_tensor(old) and old.is_floating_point() and old.dtype != out.dtype:
+                out = out.to(old.dtype)
+        return out
 
     @contextlib.contextmanager
     def averaged(self):
