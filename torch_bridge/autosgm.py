@@ -63,7 +63,7 @@ def _bridge_factory(*, aoptlr, num_lrc, debias, wd_level, rc_cfg, maximize, lear
                     gamma_i, eta_i, weight_decay, eps, one_minus_beta_n, one_minus_beta_a, one_minus_beta_i,
                     one_minus_gamma_i, segments=None):
     """The transformation of one param group: structural options static, numbers traced; ``segments`` is the
-    flat buffer's layout (the flat path, bit-identical to the per-tensor rule).
+    flat buffer's layout (the flat path: the per-tensor rule on one buffer, per-tensor sums per segment).
 
     The complements 1 − β are formed in double on the host and traced next to the β's, so float32 tracing
     does not degrade them (f32(0.9999) alone would give 1 − β_n = 1.00017e-4).

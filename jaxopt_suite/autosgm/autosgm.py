@@ -206,9 +206,13 @@ def scale_by_autosgm(
       maximize: ascend (the gradient is negated first).
       segments: flat layout (the torch bridge): every leaf is a flat buffer of ``segments.total`` elements
         holding one tensor per segment; per-tensor scalars (counts, N, μ, σ²) get one entry per segment and
-        the per-tensor sums become segment sums (:func:`tensor_sum`). The results are bit-identical to the
-        pytree layout on the same tensors (layouts whose offsets are multiples of 8 elements, as the
-        bridge's; the padding gets zero updates and keeps zero state).
+        the per-tensor sums become segment sums (:func:`tensor_sum`, bit-identical to the pytree layout's
+        sums for layouts whose offsets are multiples of 8 elements, as the bridge's). The updates are
+        bit-identical to the pytree layout's for heavy ball / Nesterov (every dtype), the moment-normalised
+        step with num_lrc = 0 on tensors of rank >= 1, and every configuration in float16; otherwise they
+        agree to a few ulp: XLA:CPU contracts the per-tensor scalar arithmetic (N_t, HUBER's scalars) into
+        fused multiply-adds, and rewrites a 0-d leaf's divisions, differently in the two compiled programs
+        (tests/jaxopt_suite/test_autosgm_flat.py bounds it). The padding gets zero updates and zero state.
 
     ``update(grads, state, params, *, grad_mask=None, **extra)``: ``params`` is required when
     ``weight_decay`` may be non-zero or ``num_lrc ∈ {1, 2, 3}``. A False ``grad_mask`` leaf gets a zero update
@@ -537,8 +541,8 @@ def autosgm(
         autosgm(1e-2, beta_i=0.9, gamma_i=0.9 / 1.9, num_lrc=1,
                 window=autosgm_window(1, n=2, tau=1, spe=10_000))     # NAG + parcor + cosine annealing
 
-    ``segments=FlatLayout`` runs the same rule on flat buffers (the torch bridge's layout), bit-identical to
-    the pytree layout. See :func:`scale_by_autosgm` for every argument and :func:`autosgm_from_config` for the reference's tuple
+    ``segments=FlatLayout`` runs the same rule on flat buffers (the torch bridge's layout; see
+    :func:`scale_by_autosgm` for how closely it matches the pytree layout). See :func:`scale_by_autosgm` for every argument and :func:`autosgm_from_config` for the reference's tuple
     configuration.
 
     References:

@@ -115,9 +115,7 @@ def lowpass(
         y = jnp.where(C.per_element(t == 1, segments), q, q / norm)
         new_state = beta_t * q - gamma_t * weighted
     if debias:
-        # the barrier keeps the per-tensor factor a value of its own: fused into a 0-d leaf's elementwise
-        # pass, XLA:CPU rounds it differently (1 ulp) from the same factor formed for a segment vector
-        factor = jax.lax.optimization_barrier(debias_factor(beta, eta, t, compute_dtype(), one_minus_beta))
+        factor = debias_factor(beta, eta, t, compute_dtype(), one_minus_beta)
         if jnp.finfo(dtype).minexp > jnp.finfo(jnp.float32).minexp:
             # float16: 1/(1 − β^t) passes float16's maximum (65504) for β > 0.99998, and q·inf would be inf
             # (or NaN for q = 0); the product is formed in float32 and rounded once
