@@ -285,7 +285,6 @@ def _autosgm_entry(name, kwargs, *, converge=None, demo_kwargs=None, description
         torch_bridge_class="AutoSGM",
         torch_state_keys=_AUTOSGM_STATE,
         supports_complex=False,
-        supports_segments=False,
         supports_grad_mask=True,
         description=description,
     )

@@ -61,8 +61,9 @@ def _window(rc_cfg: tuple):
 
 def _bridge_factory(*, aoptlr, num_lrc, debias, wd_level, rc_cfg, maximize, learning_rate, beta_n, beta_a, beta_i,
                     gamma_i, eta_i, weight_decay, eps, one_minus_beta_n, one_minus_beta_a, one_minus_beta_i,
-                    one_minus_gamma_i):
-    """The transformation of one param group: structural options static, numbers traced.
+                    one_minus_gamma_i, segments=None):
+    """The transformation of one param group: structural options static, numbers traced; ``segments`` is the
+    flat buffer's layout (the flat path: the per-tensor rule on one buffer, per-tensor sums per segment).
 
     The complements 1 − β are formed in double on the host and traced next to the β's, so float32 tracing
     does not degrade them (f32(0.9999) alone would give 1 − β_n = 1.00017e-4).
@@ -70,14 +71,14 @@ def _bridge_factory(*, aoptlr, num_lrc, debias, wd_level, rc_cfg, maximize, lear
     return _scale_by_autosgm(
         learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps,
         aoptlr=aoptlr, num_lrc=num_lrc, debias=debias, wd_level=wd_level, window=_window(rc_cfg),
-        maximize=maximize,
+        maximize=maximize, segments=segments,
         complements={"beta_n": one_minus_beta_n, "beta_a": one_minus_beta_a, "beta_i": one_minus_beta_i,
                      "gamma_i": one_minus_gamma_i},
     )
 
 
 _bridge_factory.requires_value = False
-_bridge_factory.supports_segments = False
+_bridge_factory.supports_segments = True  # flat path: one buffer per group, per-tensor sums per segment
 
 
 def _as_tuple(name: str, value: Any) -> tuple:

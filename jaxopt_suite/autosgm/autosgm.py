@@ -26,7 +26,8 @@ HUBER (Chebyshev clip of the whole normalised step, per tensor; μ, σ² are EMA
 
 Dtype rules: elementwise arithmetic runs in the parameter dtype T; the per-tensor learning-rate scalars
 (α0, W, N, μ, σ², α) are float32 for every T and α is cast to T once; debias factors are computed in float64
-when x64 is on (float32 otherwise). Nothing is reduced across tensors.
+when x64 is on (float32 otherwise). Nothing is reduced across tensors; the per-tensor sums (mean(a), ‖v‖,
+‖v − μ‖) are formed in a fixed order (:func:`tensor_sum`), the same in the pytree and the flat layout.
 
 float16 (whose exponent range is narrower than float32's; bfloat16 is not affected): a positive ε is raised
 to float16's smallest normal number 2⁻¹⁴ ≈ 6.1e-5 (the defaults 1e-8 and 1e-10 round to 0 there, and zero
@@ -53,6 +54,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional
@@ -156,7 +158,7 @@ def _eps_in(dtype: Any, eps: Any) -> jax.Array:
     return jnp.where(jnp.asarray(eps) > 0, jnp.maximum(value, jnp.asarray(jnp.finfo(dtype).tiny, dtype)), value)
 
 
-@C.declare_static("aoptlr", "num_lrc", "debias", "wd_level", "window", "maximize")
+@C.declare_static("aoptlr", "num_lrc", "debias", "wd_level", "window", "maximize", "segments")
 def scale_by_autosgm(
     learning_rate: Any = 1e-2,
     beta_n: Any = 0.9999,
@@ -173,6 +175,7 @@ def scale_by_autosgm(
     wd_level: int = 0,
     window: Optional[Callable[[Any], Any]] = None,
     maximize: bool = False,
+    segments: Optional[C.FlatLayout] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The whole AutoSGM step (filters, normalisation, weight decay, numerator, window and step size).
 
@@ -201,6 +204,15 @@ def scale_by_autosgm(
       window: ``None`` (W ≡ 1) or a schedule ``count -> multiplier`` (normally :func:`autosgm_window`), called
         with each tensor's own 0-based count.
       maximize: ascend (the gradient is negated first).
+      segments: flat layout (the torch bridge): every leaf is a flat buffer of ``segments.total`` elements
+        holding one tensor per segment; per-tensor scalars (counts, N, μ, σ²) get one entry per segment and
+        the per-tensor sums become segment sums (:func:`tensor_sum`, bit-identical to the pytree layout's
+        sums for layouts whose offsets are multiples of 8 elements, as the bridge's). The updates are
+        bit-identical to the pytree layout's for heavy ball / Nesterov (every dtype), the moment-normalised
+        step with num_lrc = 0 on tensors of rank >= 1, and every configuration in float16; otherwise they
+        agree to a few ulp: XLA:CPU contracts the per-tensor scalar arithmetic (N_t, HUBER's scalars) into
+        fused multiply-adds, and rewrites a 0-d leaf's divisions, differently in the two compiled programs
+        (tests/jaxopt_suite/test_autosgm_flat.py bounds it). The padding gets zero updates and zero state.
 
     ``update(grads, state, params, *, grad_mask=None, **extra)``: ``params`` is required when
     ``weight_decay`` may be non-zero or ``num_lrc ∈ {1, 2, 3}``. A False ``grad_mask`` leaf gets a zero update
@@ -211,14 +223,14 @@ def scale_by_autosgm(
     """
     return _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps,
                              aoptlr=aoptlr, num_lrc=num_lrc, debias=debias, wd_level=wd_level, window=window,
-                             maximize=maximize)
+                             maximize=maximize, segments=segments)
 
 
 COMPLEMENT_NAMES = ("beta_n", "beta_a", "beta_i", "gamma_i")
 
 
 def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps, *, aoptlr,
-                      num_lrc, debias, wd_level, window, maximize, complements=None):
+                      num_lrc, debias, wd_level, window, maximize, complements=None, segments=None):
     """:func:`scale_by_autosgm` with optional precise complements ``{"beta_n": 1 − β_n, ...}``.
 
     A float32-traced β close to 1 loses its complement (f32(0.9999) gives 1 − β = 1.00017e-4); callers
@@ -228,7 +240,8 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
         return C.with_schedule(
             lambda lr: _scale_by_autosgm(lr, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps,
                                          aoptlr=aoptlr, num_lrc=num_lrc, debias=debias, wd_level=wd_level,
-                                         window=window, maximize=maximize, complements=complements),
+                                         window=window, maximize=maximize, complements=complements,
+                                         segments=segments),
             learning_rate)
     _validate(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps, aoptlr=aoptlr,
               num_lrc=num_lrc, debias=debias, wd_level=wd_level, window=window, maximize=maximize)
@@ -246,12 +259,17 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
     estimated = aoptlr and num_lrc in NUMERATOR_CONFIGS
     huber = aoptlr and num_lrc == 4
     needs_params = estimated or not is_zero(weight_decay)
+    if segments is not None and not isinstance(segments, C.FlatLayout):
+        raise ValueError(f"Invalid segments: {segments!r}; expected None or a jaxopt_suite.FlatLayout.")
+    pe = functools.partial(_per_element, segments=segments)
+    # padding elements of the flat layout (they belong to the dead segment): kept at exactly zero below
+    live = None if segments is None else np.asarray(segments.seg_ids) != segments.num_tensors
 
     def init_fn(params):
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
-        per_leaf = lambda: jax.tree.map(lambda p: C.leaf_scalar(p, None, jnp.float32, 0.0), params)  # noqa: E731
+        per_leaf = lambda: jax.tree.map(lambda p: C.leaf_scalar(p, segments, jnp.float32, 0.0), params)  # noqa: E731
         return AutoSGMState(
-            count=jax.tree.map(lambda p: C.leaf_scalar(p, None), params),
+            count=jax.tree.map(lambda p: C.leaf_scalar(p, segments), params),
             grad_filter=zeros(),
             moment=zeros() if aoptlr else None,
             numerator=zeros() if estimated else None,
@@ -273,16 +291,20 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             if wd_level == 0:
                 g = g + decay
         smoothing = lambda state: lowpass(state, g, t, beta_i, gamma_i, eta_i, debias=debias,  # noqa: E731
-                                          one_minus_beta=one_minus("beta_i"),
+                                          segments=segments, one_minus_beta=one_minus("beta_i"),
                                           one_minus_gamma=one_minus("gamma_i"))
         m, grad_filter_new = smoothing(grad_filter)
         if aoptlr:
             eps_t = _eps_in(dtype, eps)
             shifted = g + eps_t
             v_hat, moment = lowpass(moment, shifted * shifted, t, beta_a, 0.0, 0.0, debias=debias,
-                                    one_minus_beta=one_minus("beta_a"))
+                                    segments=segments, one_minus_beta=one_minus("beta_a"))
             denom = jnp.sqrt(v_hat) + eps_t
             u, v = g / denom, m / denom
+            if live is not None:
+                # the padding has g = m = 0 and, with ε = 0, 0/0: its normalised values are set to 0 (what a
+                # positive ε gives there), so that no NaN reaches the padding's update or state
+                u, v = jnp.where(live, u, 0), jnp.where(live, v, 0)
         else:
             u, v = g, m
         if decay is not None and wd_level == 1:
@@ -290,7 +312,8 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             ratio = ratio / one_minus("gamma_i") if not is_zero(gamma_i) else ratio
             v = v + _in(dtype, ratio) * decay
         if huber:
-            v, huber_mean, huber_var = _huber(v, huber_mean, huber_var, beta_n, eps, one_minus("beta_n"))
+            v, huber_mean, huber_var = _huber(v, huber_mean, huber_var, beta_n, eps, one_minus("beta_n"),
+                                              segments, live)
         # With the parcor numerators (num_lrc 1, 2) v feeds several passes (the numerator states, the
         # per-tensor reduction, the step) and XLA stores it once. The smoothing state S_t (γ ≠ 0: the
         # stored S_t is not the output q_t) is then formed after the reduction (C.ordered_after): S_{t−1} is
@@ -299,7 +322,7 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
         if not late_filter:
             grad_filter = grad_filter_new
         alpha0 = _f32(learning_rate)
-        win = jnp.float32(1.0) if window is None else _f32(window(count))
+        win = jnp.float32(1.0) if window is None else _f32(window(count))  # per tensor (segment)
         if estimated:
             alpha0_t = alpha0.astype(dtype)
             one_minus_bn = _in(dtype, one_minus("beta_n"))
@@ -330,15 +353,17 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
                 q_p_stored, q_c_stored, alpha0_r, one_r = jax.lax.optimization_barrier(
                     (q_p, q_c, alpha0_t, jnp.ones((), dtype)))
                 a = jnp.minimum(jnp.abs(q_p_stored), alpha0_r * (one_r + q_c_stored))
-            # N = f32(N_state) + f32(0.9·mean(a)): the mean is formed in T, the smoother runs in float32.
-            n_new = lr_num + ((1.0 - NUMERATOR_POLE) * jnp.mean(a)).astype(jnp.float32)
+            # N = f32(N_state) + f32(0.9·mean(a)): the mean is formed in T (its sum in a fixed order,
+            # tensor_mean), the smoother runs in float32.
+            n_new = lr_num + ((1.0 - NUMERATOR_POLE) * tensor_mean(a, segments)).astype(jnp.float32)
             lr_num = n_new * jnp.float32(NUMERATOR_POLE)
             alpha = n_new * win
         else:
             alpha = alpha0 * win
         if late_filter:
-            _, grad_filter = smoothing(C.ordered_after(alpha, grad_filter))
-        update = -(alpha.astype(dtype) * v)
+            # one entry of α (each depends on the whole reduction) orders the pass in both layouts
+            _, grad_filter = smoothing(C.ordered_after(jnp.ravel(alpha)[0], grad_filter))
+        update = -(pe(alpha.astype(dtype)) * v)
         return (update.astype(dtype), t, grad_filter, moment, numerator, wsq, pcx, lr_num, huber_mean,
                 huber_var)
 
@@ -366,10 +391,11 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
             huber_mean=pick(8) if state.huber_mean is not None else None,
             huber_var=pick(9) if state.huber_var is not None else None,
         )
-        new = AutoSGMState(*[None if n is None else C.masked_tree(grad_mask, n, o) for n, o in zip(new, state)])
+        new = AutoSGMState(*[None if n is None else C.masked_tree(grad_mask, n, o, segments)
+                             for n, o in zip(new, state)])
         out = pick(0)
         if grad_mask is not None:
-            out = jax.tree.map(lambda u, mk: u if mk is None else jnp.where(jnp.asarray(mk, bool), u,
+            out = jax.tree.map(lambda u, mk: u if mk is None else jnp.where(pe(jnp.asarray(mk, bool)), u,
                                                                              jnp.zeros_like(u)),
                                out, C.leaf_masks(grad_mask, out), is_leaf=lambda x: x is None)
         return out, new
@@ -377,23 +403,107 @@ def _scale_by_autosgm(learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, wei
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _huber(v, mean, var, beta_n, eps, one_minus_bn):
-    """Chebyshev-type clip of the whole normalised step (per tensor; μ, σ² float32 states)."""
+def _per_element(value: Any, segments: Optional[C.FlatLayout]) -> jax.Array:
+    """A per-tensor value (0-d, or one entry per segment) broadcast to the elements; a 0-d value shared by
+    every tensor (α = α0 without window or numerator) stays 0-d."""
+    value = jnp.asarray(value)
+    return value if value.ndim == 0 else C.per_element(value, segments)
+
+
+def _huber(v, mean, var, beta_n, eps, one_minus_bn, segments=None, live=None):
+    """Chebyshev-type clip of the whole normalised step (per tensor; μ, σ² float32 states, one per segment in
+    the flat layout, where the padding keeps a zero step)."""
     dtype = v.dtype
+    pe = functools.partial(_per_element, segments=segments)
     bn32 = _f32(beta_n)
-    norm = jnp.sqrt(jnp.sum(v * v))
+    norm = jnp.sqrt(tensor_sum(v * v, segments).astype(dtype))
     mean = (bn32 * mean) + (_in(dtype, one_minus_bn) * norm).astype(jnp.float32)
-    centred = v - mean.astype(dtype)
-    delta = jnp.sqrt(jnp.sum(centred * centred)) + _eps_in(dtype, eps)
+    centred = v - pe(mean.astype(dtype))
+    if live is not None:
+        centred = jnp.where(live, centred, 0)  # the padding (v = 0) is not part of any tensor's spread
+    delta = jnp.sqrt(tensor_sum(centred * centred, segments).astype(dtype)) + _eps_in(dtype, eps)
     var = (bn32 * var) + (_in(dtype, one_minus_bn) * (delta * delta)).astype(jnp.float32)
     scale = jnp.sqrt(var) + _f32(eps)
     # the clipped magnitude is a per-tensor learning-rate scalar, so it is formed in float32 (as the reference)
     magnitude = jnp.minimum(delta.astype(jnp.float32), HUBER_CLIP * scale)
-    clipped = (v / delta) * magnitude.astype(dtype)
+    # v/δ as v·(1/δ): what XLA makes of a division by a broadcast scalar in the pytree layout, written out so
+    # that the flat layout (where δ is gathered per element) rounds the same way
+    clipped = (v * pe(1 / delta)) * pe(magnitude.astype(dtype))
+    if live is not None:
+        clipped = jnp.where(live, clipped, 0)  # 0/δ of the dead segment is NaN when ε = 0
     return clipped.astype(dtype), mean, var
 
 
-@C.declare_static("aoptlr", "num_lrc", "debias", "wd_level", "window", "maximize")
+#: Width of the rows whose sums are the first stage of :func:`tensor_sum` (a divisor of every flat layout's
+#: alignment: 64 bytes hold 8 float64, 16 float32, 32 float16 elements).
+SUM_ROW = 8
+
+
+def _sum_dtype(dtype: Any) -> Any:
+    """The accumulation dtype of a per-tensor sum: float32 for 16-bit floats (as ``jnp.sum`` accumulates them)."""
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def _row_sums(rows: jax.Array) -> jax.Array:
+    """Sums of the rows of an ``(R, 8)`` array by explicit pairwise halving (a fixed order of additions)."""
+    while rows.shape[1] > 1:
+        half = rows.shape[1] // 2
+        rows = rows[:, :half] + rows[:, half:]
+    return rows[:, 0]
+
+
+def _row_width(segments: C.FlatLayout) -> int:
+    width = SUM_ROW
+    for value in (*segments.offsets, *segments.padded):
+        width = math.gcd(width, int(value))
+    return max(width, 1)
+
+
+def tensor_sum(x: jax.Array, segments: Optional[C.FlatLayout] = None) -> jax.Array:
+    r"""Per-tensor sum of ``x`` in an order fixed by the tensor alone: 0-d, or one sum per segment.
+
+    The elements of each tensor, zero-padded to a multiple of 8, are summed in rows of 8 by pairwise halving
+    (``((x₀+x₄)+(x₂+x₆)) + ((x₁+x₅)+(x₃+x₇))``), and the row sums are then added in row order, from 0 (a
+    segment sum: XLA's scatter adds its updates one after the other). The order depends only on the
+    tensor's own elements, not on where the tensor sits in a flat buffer nor on the CPU's vector width
+    (``jnp.sum``'s order does), so the pytree and the flat layout give bit-identical sums (flat layouts
+    whose offsets and padded sizes are multiples of 8 elements; other layouts use narrower rows). Float16
+    and bfloat16 are accumulated in float32, as ``jnp.sum`` does. Error: with n elements the first stage
+    contributes at most 3 roundings per element and the second ⌈n/8⌉ − 1, so
+    :math:`|\hat s - s| \le (3 + \lceil n/8 \rceil)\,u \sum |x_i|` (u the unit roundoff), about 8 times
+    tighter than a plain sequential sum.
+
+    In the flat layout, the padding elements must be zero (they share a row with their tensor's tail).
+    """
+    acc = _sum_dtype(x.dtype)
+    x = x.astype(acc)
+    if segments is None:
+        flat = jnp.ravel(x)
+        rows = -(-flat.shape[0] // SUM_ROW)
+        if rows == 0:
+            return jnp.zeros((), acc)
+        flat = jnp.pad(flat, (0, rows * SUM_ROW - flat.shape[0]))
+        partial = _row_sums(flat.reshape(rows, SUM_ROW))
+        return jax.ops.segment_sum(partial, np.zeros(rows, np.int32), num_segments=1, indices_are_sorted=True)[0]
+    width = _row_width(segments)
+    partial = _row_sums(x.reshape(-1, width))
+    row_ids = np.asarray(segments.seg_ids)[::width]  # each row lies in one segment's padded range
+    return jax.ops.segment_sum(partial, row_ids, num_segments=segments.num_segments, indices_are_sorted=True)
+
+
+def tensor_mean(x: jax.Array, segments: Optional[C.FlatLayout] = None) -> jax.Array:
+    """Per-tensor mean in ``x``'s dtype: :func:`tensor_sum` over the tensor's element count (0/0 = NaN for an
+    empty tensor, as ``jnp.mean``); the dead segment of the flat layout divides by 1."""
+    total = tensor_sum(x, segments)
+    counts = np.asarray([math.prod(x.shape)] if segments is None else segments.numels + (1,), np.float64)
+    with np.errstate(divide="ignore"):
+        # s·(1/n) with 1/n rounded once (what XLA makes of a division by a constant), the same in both layouts
+        inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), np.nan).astype(total.dtype)
+    inverse = inverse.reshape(()) if segments is None else inverse
+    return (total * inverse).astype(x.dtype)
+
+
+@C.declare_static("aoptlr", "num_lrc", "debias", "wd_level", "window", "maximize", "segments")
 @nonfinite_option()
 def autosgm(
     learning_rate: Any = 1e-2,
@@ -411,6 +521,7 @@ def autosgm(
     wd_level: int = 0,
     window: Optional[Callable[[Any], Any]] = None,
     maximize: bool = False,
+    segments: Optional[C.FlatLayout] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AutoSGM (Somefun 2024): lowpass-filtered gradient, moment-normalised, with an estimated step size.
 
@@ -430,7 +541,8 @@ def autosgm(
         autosgm(1e-2, beta_i=0.9, gamma_i=0.9 / 1.9, num_lrc=1,
                 window=autosgm_window(1, n=2, tau=1, spe=10_000))     # NAG + parcor + cosine annealing
 
-    See :func:`scale_by_autosgm` for every argument and :func:`autosgm_from_config` for the reference's tuple
+    ``segments=FlatLayout`` runs the same rule on flat buffers (the torch bridge's layout; see
+    :func:`scale_by_autosgm` for how closely it matches the pytree layout). See :func:`scale_by_autosgm` for every argument and :func:`autosgm_from_config` for the reference's tuple
     configuration.
 
     References:
@@ -439,6 +551,7 @@ def autosgm(
     return scale_by_autosgm(
         learning_rate, beta_n, beta_a, beta_i, gamma_i, eta_i, weight_decay, eps,
         aoptlr=aoptlr, num_lrc=num_lrc, debias=debias, wd_level=wd_level, window=window, maximize=maximize,
+        segments=segments,
     )
 
 

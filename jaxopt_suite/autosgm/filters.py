@@ -79,20 +79,24 @@ def lowpass(
     Args:
       state: filter state (zeros before the first step), shaped like ``x``.
       x: the input ``x_t``.
-      count: the step ``t ≥ 1`` of this tensor (int; 0-d, or per segment in the flat layout).
+      count: the step ``t ≥ 1`` of this tensor (int; 0-d, or one entry per segment in the flat layout, where
+        the per-tensor factors are formed per segment and then broadcast to the elements).
       beta: pole β ∈ [0, 1).
       gamma: zero γ (γ < β, 0 = pure pole).
       eta: input gain (0 → 1 − β).
       debias: multiply the output by ((1 − β)/η′)/(1 − β^t) (computed in float64 with x64, else float32,
         then cast to the input dtype; for float16 inputs the product is formed in float32 and rounded once,
         since the factor can exceed float16's range).
-      segments: flat layout (per-segment counters are broadcast to elements).
+      segments: flat layout (``x`` and ``state`` are flat buffers; per-segment factors are broadcast).
       one_minus_beta: 1 − β when known more precisely than β (a traced float32 β = 0.9999 carries 1 − β
         only to 1.7e-4 relative; the torch bridge passes the complements formed in double on the host).
       one_minus_gamma: 1 − γ, likewise.
     """
     dtype = x.dtype
-    t = C.per_element(count, segments)
+    # per-tensor quantities (the first-step test, the debias factor) are formed on ``count`` itself (0-d, or
+    # one entry per segment) and only then broadcast to the elements: the same scalar arithmetic in both
+    # layouts (bit-identical results), and no transcendental per element in the flat layout
+    t = count
     gain = jnp.asarray(input_gain(beta, eta, one_minus_beta), dtype)
     beta_t = jnp.asarray(beta, dtype)
     weighted = gain * x
@@ -108,14 +112,14 @@ def lowpass(
         gamma_t = jnp.asarray(gamma, dtype)
         # 1 − γ in double for Python numbers (as the reference forms it), then the division in x's dtype.
         norm = jnp.asarray(C.one_minus(gamma) if one_minus_gamma is None else one_minus_gamma, dtype)
-        y = jnp.where(t == 1, q, q / norm)
+        y = jnp.where(C.per_element(t == 1, segments), q, q / norm)
         new_state = beta_t * q - gamma_t * weighted
     if debias:
         factor = debias_factor(beta, eta, t, compute_dtype(), one_minus_beta)
         if jnp.finfo(dtype).minexp > jnp.finfo(jnp.float32).minexp:
             # float16: 1/(1 − β^t) passes float16's maximum (65504) for β > 0.99998, and q·inf would be inf
             # (or NaN for q = 0); the product is formed in float32 and rounded once
-            y = (y.astype(jnp.float32) * factor.astype(jnp.float32)).astype(dtype)
+            y = (y.astype(jnp.float32) * C.per_element(factor.astype(jnp.float32), segments)).astype(dtype)
         else:
-            y = y * factor.astype(dtype)
+            y = y * C.per_element(factor.astype(dtype), segments)
     return y.astype(dtype), new_state.astype(dtype)
