@@ -24,6 +24,16 @@ One step (N gradient elements over all leaves; ``D`` is float64 with x64 enabled
 The scales live in bounded intervals and are never compounded into the learning rate, so
 ``lr_t ∈ [lcf·lo·lr, hi·lr]`` and ``mom_t ≤ max_momentum`` at every step.
 
+The blend and the insert are evaluated as ``ĝ = g + w·(R/(1 − ρ^n_R) − g)`` and ``R ← R + (1 − ρ)·(g − R)``
+(the same quantities; one product per addition, so that XLA's FMA contraction rounds them alike in every
+compiled program).
+
+Layouts: the pytree layout (default) and the torch bridge's flat layout (``segments=FlatLayout``) run the same
+segment operations over flat buffers (:mod:`.flat`; the pytree layout packs its leaves into one buffer per
+dtype), so they give bit-identical results, and the compiled step does not grow with the number of tensors.
+Under a mesh with explicit axes the pytree layout runs per leaf instead (packing sharded leaves would need
+collectives); that path agrees with the others to rounding (per-tensor sums reduced in XLA's order).
+
 References:
   Watkins & Dayan, "Q-learning", Machine Learning 8 (1992).
   Yong et al., "Gradient Centralization", arXiv:2004.01461 (``gradient_centering=True``).
@@ -696,14 +706,15 @@ def scale_by_enhanced_sgd(
                     processed_x = x
                     keep = finite if m is None else finite & m
                     if gradient_retention:
-                        blend = (1 - w.astype(wd)) * x + w.astype(wd) * (r.astype(wd) * inverse_bc.astype(wd))
+                        # the flat path's form of (1 − w)·x + w·R̂ (one product per add, see there)
+                        blend = x + w.astype(wd) * (r.astype(wd) * inverse_bc.astype(wd) - x)
                         x = jnp.where(n_ret > 0, blend, x)
                     b_new = jnp.where(keep, (mom_t.astype(wd) * b.astype(wd) + x).astype(b.dtype), b)
                     if gradient_retention:
                         # The insert is ordered after the new momentum buffer (it depends on one element of
                         # it), so it runs after the blend has read the old average, which it then overwrites
                         # in place; without that order XLA copies the whole average first.
-                        r_new = rho * r.astype(wd) + (1.0 - rho) * processed_x
+                        r_new = r.astype(wd) + (1.0 - rho) * (processed_x - r.astype(wd))  # ρ·R + (1 − ρ)·x
                         r_new = jnp.where(keep & insert, r_new.astype(r.dtype), r)
                         token = _first_element(b_new)
                         new_rets.append(r_new if token is None else C.ordered_after(token, r_new))
