@@ -99,14 +99,14 @@ class Static:
 
     seg_ids: np.ndarray  # int32[total]: segment of every element (dead = num_tensors)
     offsets: np.ndarray  # int32[num_segments]: offset of each segment (0 for the dead one)
-    numels: np.ndarray  # int64[num_segments]: elements of each tensor (0 for the dead one)
+    numels: np.ndarray  # int32[num_segments]: elements of each tensor (0 for the dead one)
     chunk: int  # CHUNK, or 1 where the layout's offsets are not all multiples of CHUNK
     chunk_seg: np.ndarray  # int32[total // chunk]: segment of each chunk (dead if none of its elements)
     centre_kind: np.ndarray  # int32[num_segments]: 0 none, 1 per slice, 2 whole tensor
     slice_base: np.ndarray  # int32[num_segments]: first slice id of a per-slice-centred tensor
     slice_stride: np.ndarray  # int32[num_segments]: elements between consecutive entries of the kept axis
     slice_dim: np.ndarray  # int32[num_segments]: length of the kept axis
-    slice_count: np.ndarray  # int64[num_slices]: elements of each slice
+    slice_count: np.ndarray  # int32[num_slices]: elements of each slice
     num_slices: int
 
 
@@ -116,7 +116,7 @@ def static_of(layout: C.FlatLayout, centering: Any, axis: int) -> Static:
     n, total = layout.num_tensors, layout.total
     offsets = np.zeros(n + 1, np.int32)
     offsets[:n] = layout.offsets
-    numels = np.zeros(n + 1, np.int64)
+    numels = np.zeros(n + 1, np.int32)
     numels[:n] = layout.numels
     aligned = all(o % CHUNK == 0 for o in layout.offsets) and total % CHUNK == 0
     chunk = CHUNK if aligned else 1
@@ -138,7 +138,7 @@ def static_of(layout: C.FlatLayout, centering: Any, axis: int) -> Static:
         elif centering == "all" and num > 1:
             kind[i] = 2
     return Static(layout.seg_ids, offsets, numels, chunk, chunk_seg, kind, base, stride, dim,
-                  np.asarray(counts, np.int64), len(counts))
+                  np.asarray(counts, np.int32), len(counts))
 
 
 def tensor_sums(x: jax.Array, st: Static, num_segments: int) -> jax.Array:

@@ -800,7 +800,7 @@ def scale_by_enhanced_sgd(
             shapes = [g.shape for g in leaves]
         statics = [F.static_of(p.layout, gradient_centering, centering_axis) for p in packs]
         single = len(packs) == 1 and packs[0].tensors == tuple(range(n))
-        order = np.argsort(np.concatenate([np.asarray(p.tensors, np.int64) for p in packs])) if not single else None
+        order = np.argsort(np.concatenate([np.asarray(p.tensors, np.int32) for p in packs])) if not single else None
 
         def to_global(parts):
             """Per-tensor vectors of the packs (per segment, dead entry last) as one vector in tensor order."""
@@ -810,7 +810,7 @@ def scale_by_enhanced_sgd(
 
         def to_local(vec, p, dead):
             """A per-tensor vector (tensor order) as pack ``p``'s per-segment vector (``dead`` last)."""
-            idx = np.asarray(p.tensors, np.int64)
+            idx = np.asarray(p.tensors, np.int32)
             local = vec if single else vec[idx]
             return jnp.concatenate([local, jnp.full((1,), dead, vec.dtype)])
 
@@ -924,7 +924,7 @@ def scale_by_enhanced_sgd(
                         c = clip.astype(wd)
                         x = jnp.where(gv > 0, jnp.clip(x, -c, c), x)
                     if apply_noise:
-                        k = jnp.concatenate([tensor_keys[np.asarray(p.tensors, np.int64)],
+                        k = jnp.concatenate([tensor_keys[np.asarray(p.tensors, np.int32)],
                                              jnp.zeros((1, 2), jnp.uint32)])
                         bits = _mix32(_mix32(pos + k[:, 0][seg]) ^ k[:, 1][seg])
                         x = x + jnp.asarray(noise_scale).astype(wd) * normal_from_bits(bits).astype(wd)

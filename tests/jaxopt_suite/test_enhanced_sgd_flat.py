@@ -82,7 +82,7 @@ def _run_both(dtype, steps, align, mask_step=None, **kwargs):
     return a, spiked
 
 
-@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize("precision", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_flat_layout_is_bit_identical_to_the_pytree_layout(precision):
     """Defaults (centering per slice, clipping, noise, retention, lookahead k=5) with a loss, 12 steps; the
     bridge's alignment (64 bytes), one step with a tensor masked out."""
@@ -94,6 +94,7 @@ def test_flat_layout_is_bit_identical_to_the_pytree_layout(precision):
     assert float(state.grad_var) > 0  # clipping engaged from step 2 on
 
 
+@pytest.mark.slow
 def test_flat_layout_bit_identical_whole_tensor_centering_other_alignment():
     """Whole-tensor centering, kept axis −1 irrelevant, 8-element alignment (not the bridge's)."""
     state, _ = _run_both(np.float32, 6, 8, gradient_centering="all", lookahead_k=2)
