@@ -390,7 +390,8 @@ register(OptimizerEntry(
     # Statistics (variance, entropy, clip level) are global over the unmasked leaves, so masking one leaf
     # legitimately changes the others' updates; masked leaves themselves are frozen exactly.
     supports_grad_mask=False,
-    supports_segments=False,
+    # segments=FlatLayout: the same segment operations as the pytree layout, bit-identical results
+    supports_segments=True,
     stochastic=True,
     description="EnhancedSGD: SGD-momentum steered by a Q-learning controller, entropy, retention, lookahead",
 ))

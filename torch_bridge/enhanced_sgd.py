@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from jaxopt_suite._common import FlatLayout
 from jaxopt_suite.enhanced_sgd import transform as T
 from jaxopt_suite.lookahead import LookaheadState
 from jaxopt_suite.nonfinite import SkipNonFiniteState, check_nonfinite, skip_nonfinite
@@ -62,25 +63,26 @@ _PER_PARAM_FIELDS = ("momentum_buffer", "retained")
 _FACTORY_ARGS = tuple(inspect.signature(T.enhanced_sgd).parameters)
 
 
-def _transformation(lrs, moms, scalars, static, seed=None):
+def _transformation(lrs, moms, scalars, static, seed=None, segments=None):
     kwargs = dict(static)
     if seed is not None:
         kwargs["seed"] = seed
-    return T.enhanced_sgd(learning_rate=list(lrs), momentum=list(moms), **scalars, **kwargs)
+    return T.enhanced_sgd(learning_rate=list(lrs), momentum=list(moms), **scalars, segments=segments, **kwargs)
 
 
 # The seed is a traced argument of the init (it only makes the initial PRNG key): instances that differ in
 # their seed (``seed=None`` draws one per instance) share one compiled init and one compiled step.
-@functools.partial(jax.jit, static_argnames=("static",))
-def _init(params, lrs, moms, scalars, seed, *, static):
-    return _transformation(lrs, moms, scalars, static, seed).init(params)
+# ``segments``: the flat layout (params and grads one flat buffer), or None for the per-parameter list.
+@functools.partial(jax.jit, static_argnames=("static", "segments"))
+def _init(params, lrs, moms, scalars, seed, *, static, segments=None):
+    return _transformation(lrs, moms, scalars, static, seed, segments).init(params)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "skip"))
-def _step(state, params, grads, mask, lrs, moms, scalars, value, skips=None, *, static, skip=False):
-    tx = _transformation(lrs, moms, scalars, static)
+@functools.partial(jax.jit, static_argnames=("static", "skip", "segments"))
+def _step(state, params, grads, mask, lrs, moms, scalars, value, skips=None, *, static, skip=False, segments=None):
+    tx = _transformation(lrs, moms, scalars, static, segments=segments)
     if skip:  # nonfinite="skip": the suite's wrapper around the whole step (lookahead included)
-        tx, state = skip_nonfinite(tx, check_value=True), SkipNonFiniteState(skips, state)
+        tx, state = skip_nonfinite(tx, segments=segments, check_value=True), SkipNonFiniteState(skips, state)
     extra = {} if value is None else {"value": value}
     if mask is not None:
         extra["grad_mask"] = mask
@@ -93,6 +95,91 @@ def _step(state, params, grads, mask, lrs, moms, scalars, value, skips=None, *, 
 
 _optimizer._STEP_FUNCTIONS.append(_step)
 _optimizer._INIT_FUNCTIONS.append(_init)
+
+
+class _FlatPack:
+    """The flat path's torch buffers: every parameter (one dtype and device) a segment of ``flat_p``, every
+    gradient a segment of ``flat_g`` (:class:`~jaxopt_suite.FlatLayout`, 64-byte aligned). The parameters
+    stay the user's tensors: each step copies them and their gradients in (one ``torch._foreach_copy_``
+    each), imports the two buffers by DLPack (two imports whatever the number of tensors) and copies the
+    new values back out (one more ``_foreach_copy_``)."""
+
+    def __init__(self, params):
+        dtype, device = params[0].dtype, params[0].device
+        self.key = _pack_key(params)
+        self.layout = FlatLayout.from_shapes([tuple(p.shape) for p in params], dlpack.align_elements(dtype))
+        self.flat_p = torch.zeros(self.layout.total, dtype=dtype, device=device)
+        self.flat_g = torch.zeros(self.layout.total, dtype=dtype, device=device)
+        self.pviews = self.views(self.flat_p, params)
+        self.gviews = self.views(self.flat_g, params)
+
+    def views(self, flat: torch.Tensor, params) -> list:
+        """Segment views of a flat tensor of this layout, shaped like ``params``."""
+        return [flat[off:off + n].view(p.shape) for off, n, p in zip(self.layout.offsets, self.layout.numels, params)]
+
+    def load(self, params, has_grad):
+        """Copy the parameters and gradients in (a missing gradient's segment is zeroed, and masked)."""
+        torch._foreach_copy_(self.pviews, [p.detach() for p in params])
+        with_grad = [i for i, h in enumerate(has_grad) if h]
+        if with_grad:
+            torch._foreach_copy_([self.gviews[i] for i in with_grad], [params[i].grad.detach() for i in with_grad])
+        missing = [self.gviews[i] for i, h in enumerate(has_grad) if not h]
+        if missing:
+            torch._foreach_zero_(missing)
+        return dlpack.to_jax(self.flat_p), dlpack.to_jax(self.flat_g)
+
+    def flatten(self, tensors) -> torch.Tensor:
+        """Per-parameter torch tensors as one flat tensor of this layout (zero padding)."""
+        out = torch.zeros_like(self.flat_p)
+        torch._foreach_copy_(self.views(out, tensors), list(tensors))
+        return out
+
+
+def _pack_key(params) -> tuple:
+    return tuple((id(p), tuple(p.shape), p.dtype, p.device) for p in params)
+
+
+def _flat_eligible(params) -> bool:
+    """One dtype and one device: the step runs on one flat buffer (the statistics are global anyway)."""
+    return bool(params) and len({(p.dtype, p.device) for p in params}) == 1
+
+
+def _per_param_to_flat(state, layout):
+    """A list-layout state (per-parameter leaves in ``momentum_buffer``, ``retained``, lookahead's ``slow``)
+    in the flat layout: each such list becomes one zero-padded flat buffer."""
+
+    def flat(leaves):
+        if leaves is None:
+            return None
+        parts = []
+        for x, num, padded in zip(leaves, layout.numels, layout.padded):
+            parts += [jnp.ravel(x), jnp.zeros((padded - num,), x.dtype)]
+        return [jnp.concatenate(parts)]
+
+    def inner(s: T.EnhancedSGDState):
+        return s._replace(momentum_buffer=flat(s.momentum_buffer), retained=flat(s.retained))
+
+    if isinstance(state, LookaheadState):
+        return state._replace(slow=flat(state.slow), inner_state=inner(state.inner_state))
+    return inner(state)
+
+
+def _flat_to_per_param(state, layout):
+    """The inverse of :func:`_per_param_to_flat` (slices of the flat buffers, reshaped)."""
+
+    def split(leaves):
+        if leaves is None:
+            return None
+        flat = leaves[0]
+        return [flat[off:off + n].reshape(shape)
+                for off, n, shape in zip(layout.offsets, layout.numels, layout.shapes)]
+
+    def inner(s: T.EnhancedSGDState):
+        return s._replace(momentum_buffer=split(s.momentum_buffer), retained=split(s.retained))
+
+    if isinstance(state, LookaheadState):
+        return state._replace(slow=split(state.slow), inner_state=inner(state.inner_state))
+    return inner(state)
 
 
 def _controller_to_torch(leaf) -> torch.Tensor:
@@ -169,7 +256,7 @@ class EnhancedSGD(JaxOptimizer):
                  q_learning_rate=0.1, q_discount=0.9, q_epsilon=0.5, q_epsilon_decay=0.995, q_epsilon_min=0.01,
                  q_initial_mix_prob=0.8, lr_scale_bounds=(0.5, 1.5), momentum_scale_bounds=(0.9, 1.1),
                  max_momentum=0.99, spike_recovery_steps=10, entropy_bins=100, centering_axis=0,
-                 bayesian_init=False, bayesian_prior_std=0.05, seed=None, nonfinite="propagate"):
+                 bayesian_init=False, bayesian_prior_std=0.05, seed=None, nonfinite="propagate", flat=True):
         del model  # accepted for compatibility; unused (as in the reference)
         if layer_type_scaling is not None:
             raise NotImplementedError("layer_type_scaling is not implemented (it had no effect in the reference)")
@@ -199,9 +286,11 @@ class EnhancedSGD(JaxOptimizer):
         defaults = dict(lr=lr, momentum=momentum, decay=decay, usage_case=usage_case, max_steps=max_steps,
                         **options)
         self._jstate = None
+        self._jlayout = None  # the FlatLayout _jstate is in (flat path), None for the per-parameter list
+        self._pack = None  # the flat path's torch buffers (_FlatPack)
         self._skips = None  # nonfinite="skip" counter (device int32)
         self._stale = False
-        JaxOptimizer.__init__(self, params, defaults=defaults, nonfinite=nonfinite)
+        JaxOptimizer.__init__(self, params, defaults=defaults, nonfinite=nonfinite, flat=flat)
         self._check_groups()
 
     # ---- groups -------------------------------------------------------------------------------
@@ -232,6 +321,7 @@ class EnhancedSGD(JaxOptimizer):
         if getattr(self, "_jstate", None) is not None:
             self._export()
             self._jstate = None  # rebuilt (with the new parameters) from the torch-side state
+        self._pack = None
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -275,9 +365,25 @@ class EnhancedSGD(JaxOptimizer):
         return jnp.asarray(float(loss), jnp.float32)
 
     # ---- JAX state <-> torch state ------------------------------------------------------------
+    def _flat_pack(self) -> Optional[_FlatPack]:
+        """The flat path's buffers for the current parameters, or None (``flat=False``, several dtypes or
+        devices: the per-parameter list path)."""
+        params = self._params()
+        if not (self.flat and _flat_eligible(params)):
+            return None
+        if self._pack is None or self._pack.key != _pack_key(params):
+            self._pack = _FlatPack(params)
+        return self._pack
+
     def _ensure_state(self):
+        pack = self._flat_pack()
+        layout = None if pack is None else pack.layout
+        if self._jstate is not None and self._jlayout != layout:  # parameters changed layout: via torch
+            self._export()
+            self._jstate = None
         if self._jstate is None:
-            self._jstate = self._build_state()
+            self._jstate = self._build_state(layout)
+            self._jlayout = layout
             self._skips = jnp.asarray(int(self.param_groups[0].get("nonfinite_skips", 0)), jnp.int32)
         return self._jstate
 
@@ -288,13 +394,19 @@ class EnhancedSGD(JaxOptimizer):
             raise ValueError(f"EnhancedSGD: option 'nonfinite' is global; the param groups use {sorted(policies)}")
         return policies.pop()
 
-    def _build_state(self):
+    def _build_state(self, layout: Optional[FlatLayout] = None):
+        """The JAX state from the torch-side state: over the parameter list, or in the flat ``layout``."""
         params = self._params()
-        params_j = [dlpack.to_jax_copy(p.detach()) for p in params]
-        init, traced = self._init_call()
-        state = init(params_j, *traced)
         torch_state = [dict.get(self.state, p) or {} for p in params]
         controller = dict.get(self.state, "controller")
+        init, traced = self._init_call()
+        if layout is not None:
+            if not any(torch_state) and not controller:  # a fresh state: the flat init (one leaf per field)
+                flat_p = self._flat_pack().flatten([p.detach() for p in params])
+                return functools.partial(init, segments=layout)([dlpack.to_jax_copy(flat_p)], *traced)
+            return _per_param_to_flat(self._build_state(None), layout)
+        params_j = [dlpack.to_jax_copy(p.detach()) for p in params]
+        state = init(params_j, *traced)
         if not any(torch_state) and not controller:
             return state
 
@@ -332,6 +444,8 @@ class EnhancedSGD(JaxOptimizer):
         if self._jstate is None:
             return
         state = self._jstate
+        if self._jlayout is not None:
+            state = _flat_to_per_param(state, self._jlayout)
         inner = T.find_enhanced_state(state)
         per_param = {"momentum_buffer": inner.momentum_buffer}
         if inner.retained is not None:
@@ -384,6 +498,10 @@ class EnhancedSGD(JaxOptimizer):
             if host_sync:
                 _cuda.wait_for_torch(params[0].device)
             state = self._ensure_state()
+            if self._jlayout is not None:
+                self._flat_step(state, params, has_grad, value, policy)
+                self._stale = True
+                return loss
             params_j = [dlpack.to_jax(p) for p in params]
             grads_j = [dlpack.to_jax(p.grad) if h else jnp.zeros(p.shape, params_j[i].dtype)
                        for i, (p, h) in enumerate(zip(params, has_grad))]
@@ -402,6 +520,23 @@ class EnhancedSGD(JaxOptimizer):
                 p.copy_(dlpack.to_torch(new))
         self._stale = True
         return loss
+
+    def _flat_step(self, state, params, has_grad, value, policy):
+        """The step on the flat buffers (see :class:`_FlatPack`)."""
+        pack = self._pack
+        jp, jg = pack.load(params, has_grad)
+        mask = None if all(has_grad) else [np.append(np.asarray(has_grad, bool), True)]  # + the padding
+        lrs, moms, scalars = self._traced()
+        v = None if value is None else self._loss_to_jax(value)
+        skip = policy == "skip"
+        new_params, self._jstate, skips = _step(state, [jp], [jg], mask, lrs, moms, scalars, v,
+                                                self._skips if skip else None,
+                                                static=self._static(for_update=True), skip=skip,
+                                                segments=pack.layout)
+        if skip:
+            self._skips = skips
+        new = dlpack.to_torch(new_params[0])  # waits for the step: XLA is done reading the torch buffers
+        torch._foreach_copy_(params, pack.views(new, params))
 
     @property
     def q_controller(self) -> _ControllerView:
@@ -436,7 +571,7 @@ class EnhancedSGD(JaxOptimizer):
 
     def _checkpoint_import(self, state) -> None:
         """Make the list-layout ``state`` this optimizer's state (torch side authoritative afterwards)."""
-        self._jstate = state
+        self._jstate, self._jlayout = state, None
         self._export()
         self._jstate = None
 
@@ -475,7 +610,9 @@ class EnhancedSGD(JaxOptimizer):
 
     def __getstate__(self):
         self._refresh_state()
-        return torch.optim.Optimizer.__getstate__(self)
+        out = torch.optim.Optimizer.__getstate__(self)
+        out["flat"] = self.flat
+        return out
 
     def __setstate__(self, state) -> None:
         self._validate_if_loading(state)
@@ -483,8 +620,10 @@ class EnhancedSGD(JaxOptimizer):
         raw = self.state
         self.state = _LazyState(self, dict.items(raw) if isinstance(raw, dict) else raw)
         self.__dict__.setdefault("_jstate", None)
+        self.__dict__.setdefault("_jlayout", None)
+        self.__dict__["_pack"] = None
         self.__dict__.setdefault("_skips", None)
         self.__dict__["_stale"] = False
         self.__dict__.setdefault("_entry_name", self.entry_name)
-        self.__dict__.setdefault("flat", False)
+        self.__dict__.setdefault("flat", True)
         self._init_runtime()

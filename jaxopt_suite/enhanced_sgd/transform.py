@@ -24,6 +24,16 @@ One step (N gradient elements over all leaves; ``D`` is float64 with x64 enabled
 The scales live in bounded intervals and are never compounded into the learning rate, so
 ``lr_t ∈ [lcf·lo·lr, hi·lr]`` and ``mom_t ≤ max_momentum`` at every step.
 
+The blend and the insert are evaluated as ``ĝ = g + w·(R/(1 − ρ^n_R) − g)`` and ``R ← R + (1 − ρ)·(g − R)``
+(the same quantities; one product per addition, so that XLA's FMA contraction rounds them alike in every
+compiled program).
+
+Layouts: the pytree layout (default) and the torch bridge's flat layout (``segments=FlatLayout``) run the same
+segment operations over flat buffers (:mod:`.flat`; the pytree layout packs its leaves into one buffer per
+dtype), so they give bit-identical results, and the compiled step does not grow with the number of tensors.
+Under a mesh with explicit axes the pytree layout runs per leaf instead (packing sharded leaves would need
+collectives); that path agrees with the others to rounding (per-tensor sums reduced in XLA's order).
+
 References:
   Watkins & Dayan, "Q-learning", Machine Learning 8 (1992).
   Yong et al., "Gradient Centralization", arXiv:2004.01461 (``gradient_centering=True``).
@@ -46,6 +56,7 @@ import optax
 from .. import _common as C
 from ..nonfinite import nonfinite_option
 from . import entropy as E
+from . import flat as F
 from . import qlearning as Q
 
 PyTree = Any
@@ -407,7 +418,7 @@ def bayesian_initialize(
 @C.declare_static(
     "apply_noise", "adaptive_momentum", "gradient_centering", "centering_axis", "gradient_clipping",
     "gradient_retention", "gradient_buffer_size", "lr_scale_bounds", "momentum_scale_bounds", "max_momentum",
-    "spike_recovery_steps", "entropy_bins", "bayesian_init", "bayesian_prior_std",
+    "spike_recovery_steps", "entropy_bins", "bayesian_init", "bayesian_prior_std", "segments",
     init_only=("q_epsilon", "q_initial_mix_prob", "seed"),
 )
 def scale_by_enhanced_sgd(
@@ -440,6 +451,7 @@ def scale_by_enhanced_sgd(
     bayesian_init: bool = False,
     bayesian_prior_std: float = 0.05,
     seed: int = 0,
+    segments: Optional[C.FlatLayout] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""EnhancedSGD's full step (without lookahead): returns the parameter updates ``−lr_t·b``.
 
@@ -486,6 +498,12 @@ def scale_by_enhanced_sgd(
       seed: seed of the PRNG key kept in the state: a Python integer, or a 0-d integer array (e.g. traced, so
         that one compiled ``init`` serves every seed). Read by ``init`` only; ``update`` does not depend on
         it (it advances the key in the state).
+      segments: ``None`` (pytree layout) or a :class:`~jaxopt_suite._common.FlatLayout` (the torch bridge's flat
+        layout): the params and gradients are then one flat buffer (a one-leaf pytree of ``layout.total``
+        elements) holding the tensors as segments, ``grad_mask`` is one bool per segment (dead entry last),
+        and ``learning_rate`` / ``momentum`` are one value or a sequence of one per tensor. Both layouts run
+        the same segment operations (:mod:`.flat`): the results are bit-identical to the pytree layout's on
+        the same tensors (for layouts whose offsets are multiples of 8, as the bridge's are).
 
     Extra args: ``value`` (the loss, optional), ``grad_mask`` (per-leaf bools; False leaves get a zero
     update, keep their buffers and are left out of the statistics). Others are ignored.
@@ -503,6 +521,12 @@ def scale_by_enhanced_sgd(
         momentum_scale_bounds, max_momentum, spike_recovery_steps, entropy_bins, bayesian_prior_std, seed,
         flags,
     )
+    if segments is not None:
+        if not isinstance(segments, C.FlatLayout):
+            raise ValueError(f"Invalid segments: {segments!r}; expected None or a jaxopt_suite FlatLayout.")
+        if gradient_centering is True and len(segments.shapes) != segments.num_tensors:
+            raise ValueError("Invalid segments: gradient_centering=True centres tensors of ndim >= 2 per output "
+                             "slice, so the FlatLayout needs the tensors' shapes (FlatLayout.from_shapes).")
     rho = 1.0 - 1.0 / gradient_buffer_size
     max_momentum = float(max_momentum)
 
@@ -682,14 +706,15 @@ def scale_by_enhanced_sgd(
                     processed_x = x
                     keep = finite if m is None else finite & m
                     if gradient_retention:
-                        blend = (1 - w.astype(wd)) * x + w.astype(wd) * (r.astype(wd) * inverse_bc.astype(wd))
+                        # the flat path's form of (1 − w)·x + w·R̂ (one product per add, see there)
+                        blend = x + w.astype(wd) * (r.astype(wd) * inverse_bc.astype(wd) - x)
                         x = jnp.where(n_ret > 0, blend, x)
                     b_new = jnp.where(keep, (mom_t.astype(wd) * b.astype(wd) + x).astype(b.dtype), b)
                     if gradient_retention:
                         # The insert is ordered after the new momentum buffer (it depends on one element of
                         # it), so it runs after the blend has read the old average, which it then overwrites
                         # in place; without that order XLA copies the whole average first.
-                        r_new = rho * r.astype(wd) + (1.0 - rho) * processed_x
+                        r_new = r.astype(wd) + (1.0 - rho) * (processed_x - r.astype(wd))  # ρ·R + (1 − ρ)·x
                         r_new = jnp.where(keep & insert, r_new.astype(r.dtype), r)
                         token = _first_element(b_new)
                         new_rets.append(r_new if token is None else C.ordered_after(token, r_new))
@@ -721,14 +746,277 @@ def scale_by_enhanced_sgd(
             retained=treedef.unflatten(new_retained) if gradient_retention else None)
         return treedef.unflatten(outs), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    def flat_update_fn(updates, state, params=None, *, value=None, grad_mask=None, **extra_args):
+        """The step over flat buffers (:mod:`.flat`): one kernel per operation whatever the number of
+        tensors. The pytree layout packs its leaves into one buffer per dtype and unpacks the results."""
+        del params, extra_args
+        leaves, treedef = jax.tree.flatten(updates)
+        D = state.grad_var.dtype
+        f = None if value is None else jnp.asarray(value).astype(D)
+        buffers_in = treedef.flatten_up_to(state.momentum_buffer)
+        retained_in = treedef.flatten_up_to(state.retained) if gradient_retention else None
+        if segments is not None:
+            if len(leaves) != 1 or tuple(leaves[0].shape) != (segments.total,):
+                raise ValueError(
+                    f"EnhancedSGD with segments=FlatLayout expects one flat buffer of {segments.total} elements; "
+                    f"got leaves of shapes {[tuple(g.shape) for g in leaves]}.")
+            n = segments.num_tensors
+            packs = [F.Pack(segments, tuple(range(n)), jnp.dtype(leaves[0].dtype))]
+            flat_g, flat_b = [leaves[0]], [buffers_in[0]]
+            flat_r = [retained_in[0]] if gradient_retention else None
+            tmask = None
+            if grad_mask is not None:
+                m = treedef.flatten_up_to(grad_mask)[0]
+                if m is not None:
+                    m = jnp.asarray(m, bool)
+                    if m.shape != (segments.num_segments,):
+                        raise ValueError(f"Invalid grad_mask: shape {m.shape}; the flat layout takes one bool per "
+                                         f"segment ({segments.num_segments}: {n} tensors and the padding).")
+                    tmask = m[:n]
+            lr_leaves = jax.tree.leaves(learning_rate)
+            mom_leaves = jax.tree.leaves(momentum)
+            for name, vals in (("learning_rate", lr_leaves), ("momentum", mom_leaves)):
+                if len(vals) not in (1, n):
+                    raise ValueError(f"Invalid {name}: {len(vals)} values; with segments=FlatLayout it is one "
+                                     f"value or one per tensor ({n}).")
+            lrs = lr_leaves * n if len(lr_leaves) == 1 else lr_leaves
+            moms = mom_leaves * n if len(mom_leaves) == 1 else mom_leaves
+            shapes = None
+        else:
+            n = len(leaves)
+            packs = F.plan_packs(leaves)
+            flat_g = [F.pack(leaves, p) for p in packs]
+            flat_b = [F.pack(buffers_in, p) for p in packs]
+            flat_r = [F.pack(retained_in, p) for p in packs] if gradient_retention else None
+            tmask = None
+            if grad_mask is not None:
+                ms = treedef.flatten_up_to(grad_mask)
+                if any(m is not None for m in ms):
+                    tmask = jnp.stack([jnp.ones((), bool) if m is None else jnp.asarray(m, bool).reshape(())
+                                       for m in ms])
+            lrs = _per_leaf(learning_rate, treedef)
+            moms = _per_leaf(momentum, treedef)
+            shapes = [g.shape for g in leaves]
+        statics = [F.static_of(p.layout, gradient_centering, centering_axis) for p in packs]
+        single = len(packs) == 1 and packs[0].tensors == tuple(range(n))
+        order = np.argsort(np.concatenate([np.asarray(p.tensors, np.int32) for p in packs])) if not single else None
+
+        def to_global(parts):
+            """Per-tensor vectors of the packs (per segment, dead entry last) as one vector in tensor order."""
+            if single:
+                return parts[0][:n]
+            return jnp.concatenate([v[:p.size] for v, p in zip(parts, packs)])[order]
+
+        def to_local(vec, p, dead):
+            """A per-tensor vector (tensor order) as pack ``p``'s per-segment vector (``dead`` last)."""
+            idx = np.asarray(p.tensors, np.int32)
+            local = vec if single else vec[idx]
+            return jnp.concatenate([local, jnp.full((1,), dead, vec.dtype)])
+
+        # Which elements count: every tensor element (not the padding) of an unmasked tensor.
+        included = []
+        for p, st in zip(packs, statics):
+            seg = jnp.asarray(st.seg_ids)
+            if tmask is None:
+                included.append(seg < p.size)
+            else:
+                included.append(to_local(tmask, p, False)[seg])
+        numel = jnp.asarray(np.concatenate([st.numels[:p.size] for p, st in zip(packs, statics)])[order]
+                            if not single else statics[0].numels[:n]).astype(D)
+        count_n = jnp.sum(numel if tmask is None else jnp.where(tmask, numel, 0))
+
+        # Pass 1: per-tensor sums (fixed order, flat.py), the range and finiteness of the counted elements.
+        local_sums, los, his, finite = [], [], [], jnp.ones((), bool)
+        for g, inc, p, st in zip(flat_g, included, packs, statics):
+            wd = _work_dtype(g.dtype)
+            local_sums.append(F.tensor_sums(jnp.where(inc, g.astype(wd), 0), st, p.layout.num_segments))
+            lo_p, hi_p, ok = F.range_and_finite(g, inc)
+            los.append(lo_p.astype(jnp.float32))
+            his.append(hi_p.astype(jnp.float32))
+            finite = finite & ok
+        if f is not None:
+            finite = finite & jnp.isfinite(f)
+        sums = to_global([s.astype(D) for s in local_sums])
+        if tmask is not None:
+            sums = jnp.where(tmask, sums, 0)
+        lo, hi = jnp.min(jnp.stack(los)), jnp.max(jnp.stack(his))
+
+        def step(state: EnhancedSGDState):
+            # One split gives the next key, the controller's key and one noise key per tensor (as per leaf).
+            keys = jax.random.split(state.key, 2 + n)
+            key, k_ctrl, tensor_keys = keys[0], keys[1], keys[2:]
+            total = count_n
+            grad_mean = jnp.sum(sums) / jnp.maximum(total, 1)
+            # Variance pass, scaled by a power of two once max|g| reaches 2³² (see the per-leaf path).
+            scale, inv_scale = _variance_scale(lo, hi)
+            local_sq = []
+            for g, inc, p, st in zip(flat_g, included, packs, statics):
+                wd = _work_dtype(g.dtype)
+                inv = inv_scale.astype(wd)
+                sq = jnp.square(g.astype(wd) * inv - grad_mean.astype(wd) * inv)
+                local_sq.append(F.tensor_sums(jnp.where(inc, sq, 0), st, p.layout.num_segments).astype(D))
+            squares = to_global(local_sq)
+            if tmask is not None:
+                squares = jnp.where(tmask, squares, 0)
+            var = jnp.sum(squares) / jnp.maximum(total - 1, 1)
+            var = (var * scale.astype(D)) * scale.astype(D)
+            var = jnp.where(total > 1, var, 0)
+            rounding = jnp.result_type(*[p.dtype for p in packs])
+            var = jnp.minimum(var, VARIANCE_CEILING * jnp.finfo(rounding).max).astype(rounding).astype(D)
+            sf = jnp.asarray(smoothing_factor).astype(D)
+            gv = sf * var + (1 - sf) * state.grad_var
+            gv = jnp.where(jnp.abs(gv - state.prev_grad_var) > STABILIZER,
+                           state.prev_grad_var * STABILIZER + (1.0 - STABILIZER) * gv, gv)
+            clip = jnp.minimum(jnp.maximum(2 * jnp.sqrt(gv), CLIP_MIN), CLIP_MAX)
+
+            width = hi - lo
+            factor = jnp.where(width > 0, jnp.float32(entropy_bins) / jnp.where(width > 0, width, 1.0), 0.0)
+            counts = sum(F.histogram_table(g, inc, entropy_bins, lo, factor) for g, inc in zip(flat_g, included))
+            _, hn = E.entropy_from_counts(counts, total, D)
+            hn = jnp.where(hi > lo, hn, 0).astype(D)
+            hbar = jnp.where(state.count == 0, hn, state.entropy_mean)
+
+            fields = dict(grad_var=gv, entropy_mean=(ENTROPY_MEAN_DECAY * hbar + (1 - ENTROPY_MEAN_DECAY) * hn).astype(D))
+            if f is not None:
+                fields.update(controller(state, f, gv, hn, hbar, k_ctrl))
+            spike_level = fields.get("spike_level", state.spike_level)
+            lr_scale = fields.get("lr_scale", state.lr_scale)
+            momentum_scale = fields.get("momentum_scale", state.momentum_scale) if adaptive_momentum \
+                else jnp.ones((), D)
+            lcf = jnp.asarray(loss_correction_factor).astype(D)
+            lr_factor = lr_scale * (1 - (1 - lcf) * spike_level)
+            mom_factor = momentum_scale * (1 - SPIKE_MOMENTUM_CUT * spike_level)
+            lr_t = jnp.stack([jnp.asarray(lr).astype(D) for lr in lrs]) * lr_factor
+            mom_t = jnp.minimum(jnp.stack([jnp.asarray(mu).astype(D) for mu in moms]) * mom_factor, max_momentum)
+
+            insert = hn >= hbar
+            n_ret = state.retained_count
+            if gradient_retention:
+                w = jnp.asarray(retention_weight).astype(D)
+                inverse_bc = 1 / C.bias_correction_from(1.0 / gradient_buffer_size, jnp.maximum(n_ret, 1), D)
+
+            else:
+                w = inverse_bc = jnp.zeros((), D)
+            new_bufs, new_rets, outs = [], [], []
+            for j, (g, inc, p, st) in enumerate(zip(flat_g, included, packs, statics)):
+                wd = _work_dtype(g.dtype)
+                seg = jnp.asarray(st.seg_ids)
+                b = flat_b[j]
+
+                def processed(g=g, p=p, st=st, seg=seg, wd=wd, j=j):
+                    """Centering, clipping and noise (steps a–c) over the buffer, in its work dtype."""
+                    x = g.astype(wd)
+                    kind = jnp.asarray(st.centre_kind)[seg]
+                    pos = (jax.lax.iota(jnp.int32, g.shape[0]) - jnp.asarray(st.offsets)[seg]).astype(jnp.uint32)
+                    if gradient_centering is True and st.num_slices:
+                        sid = jnp.where(kind == 1, jnp.asarray(st.slice_base)[seg]
+                                        + (pos // jnp.asarray(st.slice_stride, jnp.uint32)[seg]).astype(jnp.int32)
+                                        % jnp.asarray(st.slice_dim)[seg], st.num_slices)
+                        slice_sums = jax.ops.segment_sum(jnp.where(inc, x, 0), sid, num_segments=st.num_slices + 1)
+                        means = slice_sums[:st.num_slices] / jnp.asarray(st.slice_count).astype(wd)
+                        means = jnp.concatenate([means, jnp.zeros((1,), wd)])
+                        x = jnp.where(kind == 1, x - means[sid], x)
+                    if gradient_centering == "all":
+                        seg_mean = local_sums[j] / jnp.maximum(jnp.asarray(st.numels), 1).astype(wd)
+                        x = jnp.where(kind == 2, x - seg_mean.astype(wd)[seg], x)
+                    if gradient_clipping:
+                        c = clip.astype(wd)
+                        x = jnp.where(gv > 0, jnp.clip(x, -c, c), x)
+                    if apply_noise:
+                        k = jnp.concatenate([tensor_keys[np.asarray(p.tensors, np.int32)],
+                                             jnp.zeros((1, 2), jnp.uint32)])
+                        bits = _mix32(_mix32(pos + k[:, 0][seg]) ^ k[:, 1][seg])
+                        x = x + jnp.asarray(noise_scale).astype(wd) * normal_from_bits(bits).astype(wd)
+                    return x
+
+                def elementwise(g=g, inc=inc, p=p, seg=seg, wd=wd, b=b, j=j, processed=processed):
+                    """Retention, momentum and update (steps d–e and 6) of a finite step."""
+                    if apply_noise and gradient_retention:
+                        # Materialised once, as the output of a conditional (see the per-leaf path).
+                        x = jax.lax.cond(finite, processed, lambda: jnp.zeros(g.shape, wd))
+                    else:
+                        x = processed()
+                    processed_x = x
+                    r_new = None
+                    if gradient_retention:
+                        r = flat_r[j]
+                        # (1 − w)·x + w·R̂ written as x + w·(R̂ − x): every add then has at most one product
+                        # operand. XLA:CPU contracts a product and an add into an FMA; where an add has two
+                        # product operands, which one it contracts may differ between two compiled programs.
+                        blend = x + w.astype(wd) * (r.astype(wd) * inverse_bc.astype(wd) - x)
+                        x = jnp.where(n_ret > 0, blend, x)
+                    mom_e = to_local(mom_t, p, 0).astype(wd)[seg]
+                    b_new = jnp.where(inc, (mom_e * b.astype(wd) + x).astype(b.dtype), b)
+                    if gradient_retention:
+                        # ordered after the new momentum buffer, so that it overwrites the old average in place
+                        r_new = r.astype(wd) + (1.0 - rho) * (processed_x - r.astype(wd))  # ρ·R + (1 − ρ)·x
+                        r_new = jnp.where(inc & insert, r_new.astype(r.dtype), r)
+                        token = _first_element(b_new)
+                        r_new = r_new if token is None else C.ordered_after(token, r_new)
+                    lr_e = to_local(lr_t, p, 0).astype(wd)[seg]
+                    u = (-lr_e * b_new.astype(wd)).astype(g.dtype)
+                    return b_new, r_new, jnp.where(inc, u, jnp.zeros_like(u))
+
+                def unchanged(g=g, b=b, j=j):
+                    """A non-finite step: the buffers kept, a zero update."""
+                    return b, flat_r[j] if gradient_retention else None, jnp.zeros_like(g)
+
+                # The pass runs as a conditional on the step's finiteness (a skipped step does no work), whose
+                # outputs are materialised buffers: otherwise XLA:CPU fuses the pytree layout's cutting into
+                # leaves into this pass, compiling one loop per leaf (compile time grows with the leaves, and
+                # the loops' vectorised bodies and scalar tails contract products into FMAs differently from
+                # the flat layout's single loop, so the results would differ in the last bit).
+                b_new, r_new, u = jax.lax.cond(finite, elementwise, unchanged)
+                new_bufs.append(b_new)
+                new_rets.append(r_new)
+                outs.append(u)
+
+            fields.update(
+                count=C.safe_increment(state.count), key=key,
+                retained_count=jnp.where(insert, C.safe_increment(n_ret), n_ret) if gradient_retention else n_ret,
+                last_lr=lr_t[0].astype(D), last_momentum=mom_t[0].astype(D), last_entropy=hn,
+            )
+            if "last_spike" not in fields:
+                fields["last_spike"] = jnp.zeros((), bool)
+            new_state = state._replace(**fields)
+            new_state = jax.tree.map(lambda n_, o: n_.astype(o.dtype), new_state, state)
+            return (new_bufs, new_rets, outs), new_state
+
+        (new_bufs, new_rets, outs), stepped = step(state)
+        skipped = state._replace(skipped=C.safe_increment(state.skipped))
+        new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), stepped, skipped)
+
+        def unflatten(flats):
+            if segments is not None:
+                return treedef.unflatten(flats)
+            out = [None] * n
+            for flat_x, p in zip(flats, packs):
+                for i, leaf in zip(p.tensors, F.unpack(flat_x, p, [shapes[i] for i in p.tensors])):
+                    out[i] = leaf
+            return treedef.unflatten(out)
+
+        new_state = new_state._replace(
+            momentum_buffer=unflatten(new_bufs),
+            retained=unflatten(new_rets) if gradient_retention else None)
+        return unflatten(outs), new_state
+
+    def dispatch_update_fn(updates, state, params=None, **extra_args):
+        # Under a mesh with explicit axes, packing sharded leaves would need collectives: per leaf there.
+        if segments is None and E.explicit_spec() is not None:
+            return update_fn(updates, state, params, **extra_args)
+        if not jax.tree.leaves(updates):
+            return update_fn(updates, state, params, **extra_args)
+        return flat_update_fn(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, dispatch_update_fn)
 
 
 @C.declare_static(
     "lookahead_k", "apply_noise", "adaptive_momentum", "gradient_centering", "centering_axis",
     "gradient_clipping", "gradient_retention", "gradient_buffer_size", "lr_scale_bounds",
     "momentum_scale_bounds", "max_momentum", "spike_recovery_steps", "entropy_bins", "bayesian_init",
-    "bayesian_prior_std", init_only=("q_epsilon", "q_initial_mix_prob", "seed"),
+    "bayesian_prior_std", "segments", init_only=("q_epsilon", "q_initial_mix_prob", "seed"),
 )
 @nonfinite_option(value=True)
 def enhanced_sgd(
@@ -763,6 +1051,7 @@ def enhanced_sgd(
     bayesian_init: bool = False,
     bayesian_prior_std: float = 0.05,
     seed: int = 0,
+    segments: Optional[C.FlatLayout] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""EnhancedSGD: :func:`scale_by_enhanced_sgd` wrapped in lookahead (slow weights every ``k`` steps).
 
@@ -806,7 +1095,7 @@ def enhanced_sgd(
         gradient_buffer_size=gradient_buffer_size, lr_scale_bounds=lr_scale_bounds,
         momentum_scale_bounds=momentum_scale_bounds, max_momentum=max_momentum,
         spike_recovery_steps=spike_recovery_steps, entropy_bins=entropy_bins, bayesian_init=bayesian_init,
-        bayesian_prior_std=bayesian_prior_std, seed=seed,
+        bayesian_prior_std=bayesian_prior_std, seed=seed, segments=segments,
     )
     if lookahead_k == 0:
         return inner

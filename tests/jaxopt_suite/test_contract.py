@@ -412,16 +412,21 @@ def test_grad_mask_false_leaf_is_untouched(entry):
 # --------------------------------------------------------------------------------------------------
 
 
+# Segment i is the pytree's leaf i (dict leaves flatten in sorted key order): optimizers with per-tensor
+# randomness (EnhancedSGD's noise keys) draw tensor i's numbers for segment i.
+FLAT_ORDER = sorted(SHAPES)
+
+
 def _pack(tree, layout):
     buf = jnp.zeros((layout.total,), next(iter(tree.values())).dtype)
-    for (k, shape), off, num in zip(SHAPES.items(), layout.offsets, layout.numels):
+    for k, off, num in zip(FLAT_ORDER, layout.offsets, layout.numels):
         buf = buf.at[off:off + num].set(tree[k].reshape(-1))
     return buf
 
 
 def _unpack(buf, layout):
-    return {k: buf[off:off + num].reshape(shape)
-            for (k, shape), off, num in zip(SHAPES.items(), layout.offsets, layout.numels)}
+    return {k: buf[off:off + num].reshape(SHAPES[k])
+            for k, off, num in zip(FLAT_ORDER, layout.offsets, layout.numels)}
 
 
 @by_entry
@@ -429,7 +434,7 @@ def test_flat_layout_padding_and_equivalence(entry):
     """float64, so that whole-buffer reductions (summed in another order in the flat layout) agree to rounding."""
     if not entry.supports_segments:
         pytest.skip("the registry entry does not support the flat layout")
-    layout = FlatLayout.from_shapes(list(SHAPES.values()))
+    layout = FlatLayout.from_shapes([SHAPES[k] for k in FLAT_ORDER])
     padding = np.asarray(layout.seg_ids) == layout.num_tensors
     assert padding.any()
     with jax.enable_x64(True):
