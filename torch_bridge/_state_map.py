@@ -414,6 +414,59 @@ def _host_of_torch(value, dtype) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+def hand_out(state) -> dict:
+    """What ``state`` (an optimizer's ``self.state``) holds now, to tell edits apart later (:func:`edited_keys`):
+    key -> (entry dict, {name: (value, its ``_version`` for a tensor)})."""
+    return {key: (entry, {k: (v, v._version if torch.is_tensor(v) else None) for k, v in entry.items()})
+            for key, entry in dict.items(state) if isinstance(entry, dict)}
+
+
+def edited_keys(state, handed: dict) -> list:
+    """The keys of ``state`` whose entry differs from what :func:`hand_out` recorded: the entry replaced or
+    removed, a value assigned, added or deleted, a tensor changed in place; and non-empty new entries."""
+    out = []
+    for key, (entry, recorded) in handed.items():
+        cur = dict.get(state, key)
+        if cur is not entry or len(cur) != len(recorded) or any(
+                cur.get(k, _MISSING) is not v or (ver is not None and v._version != ver)
+                for k, (v, ver) in recorded.items()):
+            out.append(key)
+    return out + [key for key in dict.keys(state) if key not in handed and dict.get(state, key)]
+
+
+def keep_edits(state, handed: dict, keys) -> dict:
+    """For each edited key (:func:`edited_keys`): ``None`` if its entry was removed or emptied, else
+    ``(changed values, removed names)`` relative to what was handed out; :func:`restore_edits` puts them back
+    after a fresh export has brought every other value up to date."""
+    kept = {}
+    for key in keys:
+        cur = dict.get(state, key)
+        if not cur:
+            kept[key] = None
+            continue
+        recorded = handed.get(key, (None, {}))[1]
+        changes = {k: v for k, v in cur.items()
+                   if k not in recorded or recorded[k][0] is not v
+                   or (recorded[k][1] is not None and v._version != recorded[k][1])}
+        kept[key] = (changes, [k for k in recorded if k not in cur])
+    return kept
+
+
+def restore_edits(state, kept: dict) -> None:
+    for key, k in kept.items():
+        if k is None:
+            dict.pop(state, key, None)
+            continue
+        changes, removed = k
+        entry = dict.get(state, key)
+        if entry is None:
+            entry = {}
+            dict.__setitem__(state, key, entry)
+        entry.update(changes)
+        for name in removed:
+            entry.pop(name, None)
+
+
 class _LazyState(collections.defaultdict):
     """``optimizer.state``: a defaultdict whose values are refreshed from the JAX state on read (``state[p]``
     refreshes ``p``'s entry only, iteration all of them)."""

@@ -58,6 +58,7 @@ from jaxopt_suite.elra import (
 
 from . import _validate as V
 from . import _cuda, dlpack
+from ._state_map import _LazyState, _warn_user, edited_keys, hand_out, keep_edits, restore_edits
 from . import optimizer as _optimizer
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _FlatBuffer, _flat_candidate, _exclude_overlaps,
                         _NeedsRebuild, jax_shapes, param_labels, raise_if_nonfinite, sparse_gradient_error)
@@ -336,6 +337,8 @@ class ELRA(JaxOptimizer):
         self._skips = None  # nonfinite="skip" counter (device int32)
         self._skips_base = 0  # its value when the state was last built from the torch side
         torch.optim.Optimizer.__init__(self, params, {"lr": float(lr), "nonfinite": check_nonfinite(nonfinite)})
+        # reads of optimizer.state see the current point (exported on read), edits take effect (re-imported)
+        self.state = _LazyState(self, dict.items(self.state))
 
     # ---- parameters -----------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -394,7 +397,37 @@ class ELRA(JaxOptimizer):
             k += lv.n_leaves
         return out
 
+    def _refresh_state(self):
+        """``optimizer.state`` read (``state[p]``, iteration, ``state_dict``): export the JAX state if it moved
+        since the last export, so that reads see the current point as torch.optim's do."""
+        if getattr(self, "_jstate", None) is not None and self._jstate is not getattr(self, "_exported_from", None):
+            self._sync_state_to_torch()
+
+    def _refresh_entry(self, key) -> None:
+        self._refresh_state()  # one export serves every entry (the vectors are split from a few leaves)
+
+    def _absorb_torch_edits(self) -> None:
+        """Edits of ``optimizer.state`` (in place, assignment, deletion) take effect at the next call, as in
+        torch.optim: the JAX state is re-imported from ``self.state`` (the ``load_state_dict`` path)."""
+        handed = getattr(self, "_handed", None)
+        if self._jstate is None or not handed:
+            return
+        edited = edited_keys(self.state, handed)
+        if not edited:
+            return
+        if self._jstate is not self._exported_from:  # the JAX state moved on since those were handed out
+            _warn_user("ELRA: optimizer.state was edited on a snapshot read before the last step(); the edited "
+                       "values are used as they are (read optimizer.state[p] after step() to edit the current "
+                       "state)")
+            kept = keep_edits(self.state, handed, edited)
+            self._sync_state_to_torch()
+            restore_edits(self.state, kept)
+        self._jstate = None
+        self._needs_import = True
+        self._handed = {}
+
     def _ensure_state(self):
+        self._absorb_torch_edits()
         if self._jstate is not None:
             return
         params = self._jax_params()
@@ -412,6 +445,7 @@ class ELRA(JaxOptimizer):
         self._skips_base = int(self.param_groups[0].get("nonfinite_skips", 0))
         self._skips = jax.device_put(jnp.asarray(self._skips_base, jnp.int32), device)
         self._needs_import = False
+        self._handed = {}  # the torch side was just read in: what it holds is the JAX state's point
 
     def _init_call(self):
         """``(init, learning_rate, wd0)``: the compiled init with its static configuration bound and its
@@ -677,6 +711,8 @@ class ELRA(JaxOptimizer):
                 group["nonfinite_skips"] = skips
         scalars["calls"] = torch.tensor(calls, dtype=torch.int64)
         dict.__setitem__(self.state, "elra", scalars)
+        self._exported_from = st
+        self._handed = hand_out(self.state)
 
     def _import_state(self, fresh: ElraState) -> ElraState:
         """The JAX state from ``self.state`` (after ``load_state_dict`` or ``add_param_group``)."""
@@ -791,6 +827,9 @@ class ELRA(JaxOptimizer):
         # torch's load_state_dict ends here; the generic bridge's per-group bookkeeping does not apply
         self._validate_if_loading(state)
         torch.optim.Optimizer.__setstate__(self, state)
+        raw = self.state
+        if not isinstance(raw, _LazyState):
+            self.state = _LazyState(self, dict.items(raw) if isinstance(raw, dict) else raw)
 
     def __getstate__(self):
         raise TypeError("pickle ELRA through state_dict() / load_state_dict()")

@@ -42,6 +42,7 @@ from jaxopt_suite.nonfinite import SkipNonFiniteState, check_nonfinite, skip_non
 from . import _validate as V
 from . import _cuda, dlpack
 from . import optimizer as _optimizer
+from ._state_map import _warn_user, edited_keys, hand_out, keep_edits, restore_edits
 from .optimizer import (JaxOptimizer, LoadSpec, StateSlot, _LazyState, _host_of_torch, _host_to_torch, jax_shapes,
                         param_labels, raise_if_nonfinite, sparse_gradient_error)
 
@@ -290,6 +291,7 @@ class EnhancedSGD(JaxOptimizer):
         self._pack = None  # the flat path's torch buffers (_FlatPack)
         self._skips = None  # nonfinite="skip" counter (device int32)
         self._stale = False
+        self._handed = {}  # what the last _export put in self.state: key -> (entry, {name: (value, _version)})
         JaxOptimizer.__init__(self, params, defaults=defaults, nonfinite=nonfinite, flat=flat)
         self._check_groups()
 
@@ -384,6 +386,7 @@ class EnhancedSGD(JaxOptimizer):
         if self._jstate is None:
             self._jstate = self._build_state(layout)
             self._jlayout = layout
+            self._handed = {}  # the torch side was just read in: what it holds is the JAX state's point
             self._skips = jnp.asarray(int(self.param_groups[0].get("nonfinite_skips", 0)), jnp.int32)
         return self._jstate
 
@@ -461,6 +464,7 @@ class EnhancedSGD(JaxOptimizer):
                 continue
             controller[name] = _controller_to_torch(getattr(inner, name))
         dict.__setitem__(self.state, "controller", controller)
+        self._handed = hand_out(self.state)
         if self._skips is not None and self._nonfinite_policy() == "skip":
             for group in self.param_groups:
                 group["nonfinite_skips"] = int(self._skips)
@@ -468,6 +472,25 @@ class EnhancedSGD(JaxOptimizer):
     def _refresh_state(self):
         if getattr(self, "_stale", False):
             self._export()
+
+    def _absorb_torch_edits(self) -> None:
+        """Edits of ``optimizer.state`` take effect at the next step, as in torch.optim: the edited entries
+        are kept, the others brought up to date, and the JAX state is rebuilt from the torch-side state (the
+        path ``load_state_dict`` takes; the rebuilt state is exact, so an unedited run would not change)."""
+        if self._jstate is None or not self._handed:
+            return
+        edited = edited_keys(self.state, self._handed)
+        if not edited:
+            return
+        if self._stale:  # the JAX state moved on since those snapshots were handed out
+            _warn_user("EnhancedSGD: optimizer.state was edited on a snapshot read before the last step(); the "
+                       "edited values are used as they are (read optimizer.state[p] after step() to edit the "
+                       "current state)")
+            kept = keep_edits(self.state, self._handed, edited)
+            self._export()  # every other value up to date
+            restore_edits(self.state, kept)
+        self._jstate = None  # rebuilt from self.state by _ensure_state
+        self._handed = {}
 
     # ---- torch.optim API ----------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -497,9 +520,10 @@ class EnhancedSGD(JaxOptimizer):
             host_sync = _cuda.order_for(params[0]) == "sync"
             if host_sync:
                 _cuda.wait_for_torch(params[0].device)
+            self._absorb_torch_edits()
             state = self._ensure_state()
             if self._jlayout is not None:
-                self._flat_step(state, params, has_grad, value, policy)
+                self._flat_step(state, params, has_grad, value, policy, host_sync)
                 self._stale = True
                 return loss
             params_j = [dlpack.to_jax(p) for p in params]
@@ -521,10 +545,14 @@ class EnhancedSGD(JaxOptimizer):
         self._stale = True
         return loss
 
-    def _flat_step(self, state, params, has_grad, value, policy):
-        """The step on the flat buffers (see :class:`_FlatPack`)."""
+    def _flat_step(self, state, params, has_grad, value, policy, host_sync=False):
+        """The step on the flat buffers (see :class:`_FlatPack`). On CUDA in the "sync" order the host waits
+        for torch's copies into the buffers before the step and for JAX's outputs after it (the "dlpack"
+        order: the per-step imports and ``to_torch`` are the handshakes, :mod:`torch_bridge._cuda`)."""
         pack = self._pack
         jp, jg = pack.load(params, has_grad)
+        if host_sync:
+            _cuda.wait_for_torch(params[0].device)
         mask = None if all(has_grad) else [np.append(np.asarray(has_grad, bool), True)]  # + the padding
         lrs, moms, scalars = self._traced()
         v = None if value is None else self._loss_to_jax(value)
@@ -535,6 +563,8 @@ class EnhancedSGD(JaxOptimizer):
                                                 segments=pack.layout)
         if skip:
             self._skips = skips
+        if host_sync:
+            _cuda.wait_for_jax((new_params, self._jstate))
         new = dlpack.to_torch(new_params[0])  # waits for the step: XLA is done reading the torch buffers
         torch._foreach_copy_(params, pack.views(new, params))
 
@@ -607,6 +637,7 @@ class EnhancedSGD(JaxOptimizer):
             dict.__setitem__(self.state, "controller", {k: torch.as_tensor(v).clone() for k, v in controller.items()})
         self._jstate = None
         self._stale = False
+        self._handed = {}
 
     def __getstate__(self):
         self._refresh_state()
@@ -624,6 +655,7 @@ class EnhancedSGD(JaxOptimizer):
         self.__dict__["_pack"] = None
         self.__dict__.setdefault("_skips", None)
         self.__dict__["_stale"] = False
+        self.__dict__["_handed"] = {}
         self.__dict__.setdefault("_entry_name", self.entry_name)
         self.__dict__.setdefault("flat", True)
         self._init_runtime()

@@ -524,3 +524,57 @@ def test_step_compiles_once():
         if i == 3:
             assert opt.get_param(only_new=False) is not None  # resets the "changed" flag
     assert bridge_elra._bridge_step._cache_size() - before == 1
+
+
+def test_state_reads_are_current_and_edits_take_effect_as_a_loaded_state_would():
+    """``opt.state`` shows the current point on read (as torch.optim's), reading it leaves the run
+    bit-identical, an in-place edit or assignment is used by the next call exactly as the same edit loaded
+    through ``load_state_dict``, and an edit on a snapshot read before the last step warns."""
+    import copy
+    import warnings
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(5))
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 2)
+        return m, ELRA(m.parameters(), lr=0.01)
+
+    def run(m, o, n):
+        for _ in range(n):
+            def closure():
+                o.zero_grad()
+                loss = m(x).pow(2).sum()
+                loss.backward()
+                return loss
+            o.step(closure)
+
+    def diff(a, b):
+        return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ELRA's float32 notice
+        (m1, o1), (m2, o2), (m3, o3), (m4, o4) = make(), make(), make(), make()
+    for m, o in ((m1, o1), (m2, o2), (m3, o3), (m4, o4)):
+        run(m, o, 3)
+    w = next(m2.parameters())
+    assert set(o2.state[w]) >= {"x_lastgood", "g_old"} and "lr" in o2.state["elra"]
+    assert torch.equal(o2.state[w]["g_old"], o2.state_dict()["state"][0]["g_old"])
+    dict(o1.state.items())  # reads only
+    o1.state_dict()
+    o2.state[w]["g_old"].mul_(-5.0)  # in place
+    o2.state["elra"]["lr"] = o2.state["elra"]["lr"] * 0.5  # assignment
+    sd = copy.deepcopy(o4.state_dict())
+    sd["state"][0]["g_old"].mul_(-5.0)
+    sd["state"]["elra"]["lr"] = sd["state"]["elra"]["lr"] * 0.5
+    o4.load_state_dict(sd)
+    for m, o in ((m1, o1), (m2, o2), (m3, o3), (m4, o4)):
+        run(m, o, 3)
+    assert diff(m1, m3) == 0.0
+    assert diff(m2, m4) == 0.0
+    assert diff(m2, m3) > 1e-3  # the edit changed the run
+    held = o2.state[w]["g_old"]
+    run(m2, o2, 1)
+    held.zero_()
+    with pytest.warns(UserWarning, match="snapshot read before the last step"):
+        run(m2, o2, 1)

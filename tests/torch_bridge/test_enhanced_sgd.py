@@ -346,3 +346,62 @@ def test_non_finite_sync_step_keeps_params_and_slow_weights():
     for key in ctrl_b:
         if key != "skipped":
             torch.testing.assert_close(ctrl_a[key], ctrl_b[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def _params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_state_edits_take_effect_as_a_loaded_state_would():
+    """``opt.state[p][key]`` edited in place or assigned (and a controller field) is used by the next step, as
+    in torch.optim: the run equals one whose edited state went through ``load_state_dict``; reading the state
+    without editing it leaves the trajectory bit-identical; an edit on a snapshot read before the last step
+    warns and is used as it is."""
+    x, y = readme_data(0)
+
+    def fresh():
+        model = readme_model(0)
+        return model, EnhancedSGD(model.parameters(), lr=0.01, seed=3)
+
+    def edit(opt, model):
+        ps = list(model.parameters())
+        opt.state[ps[0]]["momentum_buffer"].mul_(-3.0)        # in place
+        opt.state[ps[2]]["retained"] = torch.ones_like(ps[2])  # assignment
+        opt.state["controller"]["lr_scale"].fill_(0.5)        # a controller field
+
+    ref_model, ref = fresh()
+    run_torch(ref_model, ref, x, y, 3)
+    a_model, a = fresh()
+    run_torch(a_model, a, x, y, 3)
+    for _ in range(2):  # reads only
+        dict(a.state.items())
+        a.state_dict()
+    run_torch(a_model, a, x, y, 2)
+    run_torch(ref_model, ref, x, y, 2)
+    assert all(torch.equal(p, q) for p, q in zip(a_model.parameters(), ref_model.parameters()))
+
+    b_model, b = fresh()
+    run_torch(b_model, b, x, y, 3)
+    c_model, c = fresh()
+    run_torch(c_model, c, x, y, 3)
+    edit(b, b_model)
+    sd = c.state_dict()  # the same edit, through a state dict
+    c2 = EnhancedSGD(c_model.parameters(), lr=0.01, seed=3)
+    edit_target = copy.deepcopy(sd)
+    edit_target["state"][0]["momentum_buffer"].mul_(-3.0)
+    edit_target["state"][2]["retained"] = torch.ones_like(edit_target["state"][2]["retained"])
+    edit_target["state"]["controller"]["lr_scale"].fill_(0.5)
+    c2.load_state_dict(edit_target)
+    run_torch(b_model, b, x, y, 3)
+    run_torch(c_model, c2, x, y, 3)
+    assert all(torch.equal(p, q) for p, q in zip(b_model.parameters(), c_model.parameters()))
+    u_model, u = fresh()  # the same calls without the edit: the edit changed the run
+    run_torch(u_model, u, x, y, 3)
+    run_torch(u_model, u, x, y, 3)
+    assert max((p - q).abs().max().item() for p, q in zip(b_model.parameters(), u_model.parameters())) > 1e-4
+
+    held = b.state[next(b_model.parameters())]["momentum_buffer"]
+    run_torch(b_model, b, x, y, 1)
+    held.zero_()
+    with pytest.warns(UserWarning, match="snapshot read before the last step"):
+        run_torch(b_model, b, x, y, 1)
