@@ -459,6 +459,14 @@ def _row_width(segments: C.FlatLayout) -> int:
     return max(width, 1)
 
 
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x`` is split over a mesh axis of type Explicit (its sharding is part of its type)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return False
+    return any(s is not None for s in jax.typeof(x).sharding.spec)
+
+
 def tensor_sum(x: jax.Array, segments: Optional[C.FlatLayout] = None) -> jax.Array:
     r"""Per-tensor sum of ``x`` in an order fixed by the tensor alone: 0-d, or one sum per segment.
 
@@ -474,9 +482,13 @@ def tensor_sum(x: jax.Array, segments: Optional[C.FlatLayout] = None) -> jax.Arr
     tighter than a plain sequential sum.
 
     In the flat layout, the padding elements must be zero (they share a row with their tensor's tail).
+    A leaf sharded over a mesh with explicit axes is summed by ``jnp.sum`` (a sharded reduction; the fixed
+    row order would need the tensor gathered on every device), so there the sums agree to rounding only.
     """
     acc = _sum_dtype(x.dtype)
     x = x.astype(acc)
+    if segments is None and _explicitly_sharded(x):
+        return jnp.sum(x)
     if segments is None:
         flat = jnp.ravel(x)
         rows = -(-flat.shape[0] // SUM_ROW)
