@@ -23,10 +23,12 @@ def _group(case):
 
 
 def _slow_in_this_suite(case) -> bool:
-    """The case is slow, or it is a float32 row through the bridge's simple (per-tensor) path: the default
-    suite runs that path in float64 (tighter bars) and the float32 bridge rows on the flat path; the float32
-    simple-path rows run with ``-m slow`` (and in ``python -m parity``)."""
-    return case.slow or (case.name.endswith("@bridge_simple") and case.dtype == "float32")
+    """The case is slow, or it is a row through the bridge's simple (per-tensor) path in float32 or on the
+    digits model: the default suite runs that path in float64 on the small problems (quad, mlp, rosenbrock:
+    the same bridge code, tighter bars) and the float32 and digits bridge rows on the flat path; the other
+    simple-path rows (about 50 s of the default run) run with ``-m slow`` and in ``python -m parity``."""
+    simple = case.name.endswith("@bridge_simple")
+    return case.slow or (simple and (case.dtype == "float32" or "digits" in case.problem))
 
 
 def _marks(case):
