@@ -658,8 +658,19 @@ def _sd_bits(sd) -> dict:
     return out
 
 
+def _bits(v):
+    """A value as comparable bytes: tensors by content (NaN-safe, any size), the rest by repr."""
+    if torch.is_tensor(v):
+        return (v.detach().cpu().numpy().tobytes(), str(v.dtype), tuple(v.shape))
+    if isinstance(v, (list, tuple)):
+        return tuple(_bits(x) for x in v)
+    return repr(v)
+
+
 def _groups_wo_skips(sd):
-    return [{k: v for k, v in g.items() if k != "nonfinite_skips"} for g in sd["param_groups"]]
+    """The param groups but ``nonfinite_skips``, comparable bitwise (the generic class keeps its global
+    state there as tensors: a multi-element tensor has no truth value and NaN != NaN under ``==``)."""
+    return [{k: _bits(v) for k, v in g.items() if k != "nonfinite_skips"} for g in sd["param_groups"]]
 
 
 def run_torch_nonfinite(target, build, ref_name, policy, scenario, requires_value) -> Outcome:
