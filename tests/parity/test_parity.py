@@ -12,6 +12,7 @@ import pytest
 from parity.runner import ParityResult, TrajectoryCache, discover, run_case
 
 CASES = discover()
+_NAMES = {c.name for c in CASES}
 _CACHE = TrajectoryCache()
 _RESULTS: dict[str, ParityResult] = {}
 
@@ -28,7 +29,14 @@ def _slow_in_this_suite(case) -> bool:
     the same bridge code, tighter bars) and the float32 and digits bridge rows on the flat path; the other
     simple-path rows (about 50 s of the default run) run with ``-m slow`` and in ``python -m parity``."""
     simple = case.name.endswith("@bridge_simple")
-    return case.slow or (simple and (case.dtype == "float32" or "digits" in case.problem))
+    if case.slow or (simple and (case.dtype == "float32" or "digits" in case.problem)):
+        return True
+    # the pure-JAX float32 twin of a float64 row (same entry, kwargs and reference; the float64 row has the
+    # tight bar, the bridge's float32 rows keep float32 in the default run), and the bridge-vs-JAX rows on
+    # the digits model (the bridge-vs-torch digits rows and the small-problem bridge-vs-JAX rows stay)
+    if case.dtype == "float32" and "@" not in case.name and case.name.replace("_f32", "_f64") in _NAMES:
+        return True
+    return "_vs_jax_" in case.name and "digits" in case.problem
 
 
 def _marks(case):
