@@ -588,6 +588,34 @@ def scale_by_enhanced_sgd(
             prev_grad_var=gv,
         )
 
+    def statistics_step(state: EnhancedSGDState, var, rounding, counts, total, lo, hi, f, k_ctrl):
+        """The step's global statistics, the same in both layouts: the raw variance saturated and smoothed into
+        ``gv``, the clip level, the entropy ``hn`` of the histogram ``counts`` and its running mean ``hbar``,
+        the controller's fields (with a loss ``f``), and the lr / momentum factors they give."""
+        D = state.grad_var.dtype
+        var = jnp.minimum(var, VARIANCE_CEILING * jnp.finfo(rounding).max).astype(rounding).astype(D)
+        sf = jnp.asarray(smoothing_factor).astype(D)
+        gv = sf * var + (1 - sf) * state.grad_var
+        gv = jnp.where(jnp.abs(gv - state.prev_grad_var) > STABILIZER,
+                       state.prev_grad_var * STABILIZER + (1.0 - STABILIZER) * gv, gv)
+        clip = jnp.minimum(jnp.maximum(2 * jnp.sqrt(gv), CLIP_MIN), CLIP_MAX)
+
+        _, hn = E.entropy_from_counts(counts, total, D)
+        hn = jnp.where(hi > lo, hn, 0).astype(D)
+        hbar = jnp.where(state.count == 0, hn, state.entropy_mean)
+
+        fields = dict(grad_var=gv, entropy_mean=(ENTROPY_MEAN_DECAY * hbar + (1 - ENTROPY_MEAN_DECAY) * hn).astype(D))
+        if f is not None:
+            fields.update(controller(state, f, gv, hn, hbar, k_ctrl))
+        spike_level = fields.get("spike_level", state.spike_level)
+        lr_scale = fields.get("lr_scale", state.lr_scale)
+        momentum_scale = fields.get("momentum_scale", state.momentum_scale) if adaptive_momentum \
+            else jnp.ones((), D)
+        lcf = jnp.asarray(loss_correction_factor).astype(D)
+        lr_factor = lr_scale * (1 - (1 - lcf) * spike_level)
+        mom_factor = momentum_scale * (1 - SPIKE_MOMENTUM_CUT * spike_level)
+        return gv, clip, hn, hbar, fields, lr_factor, mom_factor
+
     def update_fn(updates, state, params=None, *, value=None, grad_mask=None, **extra_args):
         del params, extra_args
         leaves, treedef = jax.tree.flatten(updates)
@@ -638,28 +666,9 @@ def scale_by_enhanced_sgd(
             var = (var * scale.astype(D)) * scale.astype(D)
             var = jnp.where(total > 1, var, 0)
             rounding = jnp.result_type(*[g.dtype for g in leaves])
-            var = jnp.minimum(var, VARIANCE_CEILING * jnp.finfo(rounding).max).astype(rounding).astype(D)
-            sf = jnp.asarray(smoothing_factor).astype(D)
-            gv = sf * var + (1 - sf) * state.grad_var
-            gv = jnp.where(jnp.abs(gv - state.prev_grad_var) > STABILIZER,
-                           state.prev_grad_var * STABILIZER + (1.0 - STABILIZER) * gv, gv)
-            clip = jnp.minimum(jnp.maximum(2 * jnp.sqrt(gv), CLIP_MIN), CLIP_MAX)
-
             counts = E.histogram_counts(leaves, entropy_bins, lo, hi, masks)
-            _, hn = E.entropy_from_counts(counts, total, D)
-            hn = jnp.where(hi > lo, hn, 0).astype(D)
-            hbar = jnp.where(state.count == 0, hn, state.entropy_mean)
-
-            fields = dict(grad_var=gv, entropy_mean=(ENTROPY_MEAN_DECAY * hbar + (1 - ENTROPY_MEAN_DECAY) * hn).astype(D))
-            if f is not None:
-                fields.update(controller(state, f, gv, hn, hbar, k_ctrl))
-            spike_level = fields.get("spike_level", state.spike_level)
-            lr_scale = fields.get("lr_scale", state.lr_scale)
-            momentum_scale = fields.get("momentum_scale", state.momentum_scale) if adaptive_momentum \
-                else jnp.ones((), D)
-            lcf = jnp.asarray(loss_correction_factor).astype(D)
-            lr_factor = lr_scale * (1 - (1 - lcf) * spike_level)
-            mom_factor = momentum_scale * (1 - SPIKE_MOMENTUM_CUT * spike_level)
+            gv, clip, hn, hbar, fields, lr_factor, mom_factor = statistics_step(
+                state, var, rounding, counts, total, lo, hi, f, k_ctrl)
 
             insert = hn >= hbar
             n_ret = state.retained_count
@@ -863,30 +872,11 @@ def scale_by_enhanced_sgd(
             var = (var * scale.astype(D)) * scale.astype(D)
             var = jnp.where(total > 1, var, 0)
             rounding = jnp.result_type(*[p.dtype for p in packs])
-            var = jnp.minimum(var, VARIANCE_CEILING * jnp.finfo(rounding).max).astype(rounding).astype(D)
-            sf = jnp.asarray(smoothing_factor).astype(D)
-            gv = sf * var + (1 - sf) * state.grad_var
-            gv = jnp.where(jnp.abs(gv - state.prev_grad_var) > STABILIZER,
-                           state.prev_grad_var * STABILIZER + (1.0 - STABILIZER) * gv, gv)
-            clip = jnp.minimum(jnp.maximum(2 * jnp.sqrt(gv), CLIP_MIN), CLIP_MAX)
-
             width = hi - lo
             factor = jnp.where(width > 0, jnp.float32(entropy_bins) / jnp.where(width > 0, width, 1.0), 0.0)
             counts = sum(F.histogram_table(g, inc, entropy_bins, lo, factor) for g, inc in zip(flat_g, included))
-            _, hn = E.entropy_from_counts(counts, total, D)
-            hn = jnp.where(hi > lo, hn, 0).astype(D)
-            hbar = jnp.where(state.count == 0, hn, state.entropy_mean)
-
-            fields = dict(grad_var=gv, entropy_mean=(ENTROPY_MEAN_DECAY * hbar + (1 - ENTROPY_MEAN_DECAY) * hn).astype(D))
-            if f is not None:
-                fields.update(controller(state, f, gv, hn, hbar, k_ctrl))
-            spike_level = fields.get("spike_level", state.spike_level)
-            lr_scale = fields.get("lr_scale", state.lr_scale)
-            momentum_scale = fields.get("momentum_scale", state.momentum_scale) if adaptive_momentum \
-                else jnp.ones((), D)
-            lcf = jnp.asarray(loss_correction_factor).astype(D)
-            lr_factor = lr_scale * (1 - (1 - lcf) * spike_level)
-            mom_factor = momentum_scale * (1 - SPIKE_MOMENTUM_CUT * spike_level)
+            gv, clip, hn, hbar, fields, lr_factor, mom_factor = statistics_step(
+                state, var, rounding, counts, total, lo, hi, f, k_ctrl)
             lr_t = jnp.stack([jnp.asarray(lr).astype(D) for lr in lrs]) * lr_factor
             mom_t = jnp.minimum(jnp.stack([jnp.asarray(mu).astype(D) for mu in moms]) * mom_factor, max_momentum)
 
