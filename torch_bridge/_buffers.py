@@ -23,7 +23,8 @@ import torch
 from jaxopt_suite._common import FlatLayout
 
 from . import _cuda, dlpack
-from ._state_map import _MISSING, _element_state, _rebuild_state, _scalar_of, _walk_state, _warn_user
+from ._state_map import (_element_state, _rebuild_state, _scalar_of, _walk_state, _warn_user, entry_edited,
+                         keep_edits, restore_edits)
 from ._step_cache import StepSpec, _compiled_init, _compiled_step
 
 __all__ = ["SIMPLE_PATH_WARN_LEAVES", "sparse_gradient_error"]
@@ -104,14 +105,7 @@ class _Buffer:
         """Whether ``opt.state[p_i]`` differs from what the last export handed out: the entry replaced or
         removed, a key assigned, added or deleted, or a tensor changed in place (its ``_version`` moved)."""
         entry, recorded = self.handed[i]
-        cur = dict.get(opt.state, self.params[i])
-        if cur is not entry or len(cur) != len(recorded):
-            return True
-        for key, (value, version) in recorded.items():
-            now = cur.get(key, _MISSING)
-            if now is not value or (version is not None and now._version != version):
-                return True
-        return False
+        return entry_edited(dict.get(opt.state, self.params[i]), entry, recorded)
 
     def absorb_torch_edits(self, opt: "JaxOptimizer", group: dict, indices=None) -> bool:
         """Make edits of ``opt.state`` (see :meth:`_edited`) take effect: the other snapshots are brought up
@@ -127,31 +121,10 @@ class _Buffer:
             _warn_user(f"{type(opt).__name__}: the state of {self.labels[edited[0]]} was edited on a snapshot "
                        "read before the last step(); the edited values are used as they are (read "
                        "optimizer.state[p] after step() to edit the current state)")
-        kept = {}
-        for i in edited:
-            entry, recorded = self.handed[i]
-            cur = dict.get(opt.state, self.params[i])
-            if not cur:
-                kept[i] = None  # entry removed or emptied: the parameter starts afresh, as in torch
-                continue
-            changes = {k: v for k, v in cur.items()
-                       if k not in recorded or recorded[k][0] is not v
-                       or (recorded[k][1] is not None and v._version != recorded[k][1])}
-            kept[i] = (changes, [k for k in recorded if k not in cur])
+        # an entry removed or emptied: the parameter starts afresh, as in torch (keep_edits records None)
+        kept = keep_edits(opt.state, {self.params[i]: self.handed[i] for i in edited}, [self.params[i] for i in edited])
         self._export(opt, group, None)  # every other snapshot up to date (the edited keys are put back below)
-        for i, k in kept.items():
-            p = self.params[i]
-            if k is None:
-                dict.pop(opt.state, p, None)
-                continue
-            changes, removed = k
-            entry = dict.get(opt.state, p)
-            if entry is None:
-                entry = {}
-                dict.__setitem__(opt.state, p, entry)
-            entry.update(changes)
-            for key in removed:
-                entry.pop(key, None)
+        restore_edits(opt.state, kept)
         self.forget_jax_state(opt)
         return True
 

@@ -421,16 +421,18 @@ def hand_out(state) -> dict:
             for key, entry in dict.items(state) if isinstance(entry, dict)}
 
 
+def entry_edited(cur, entry, recorded: dict) -> bool:
+    """Whether the state entry ``cur`` differs from the ``entry`` handed out with values ``recorded``
+    (name -> (value, ``_version``)): replaced or removed, a value assigned, added or deleted, or a tensor
+    changed in place (its ``_version`` moved)."""
+    return cur is not entry or len(cur) != len(recorded) or any(
+        cur.get(k, _MISSING) is not v or (ver is not None and v._version != ver) for k, (v, ver) in recorded.items())
+
+
 def edited_keys(state, handed: dict) -> list:
-    """The keys of ``state`` whose entry differs from what :func:`hand_out` recorded: the entry replaced or
-    removed, a value assigned, added or deleted, a tensor changed in place; and non-empty new entries."""
-    out = []
-    for key, (entry, recorded) in handed.items():
-        cur = dict.get(state, key)
-        if cur is not entry or len(cur) != len(recorded) or any(
-                cur.get(k, _MISSING) is not v or (ver is not None and v._version != ver)
-                for k, (v, ver) in recorded.items()):
-            out.append(key)
+    """The keys of ``state`` whose entry differs from what :func:`hand_out` recorded (:func:`entry_edited`),
+    and non-empty new entries."""
+    out = [key for key, (entry, recorded) in handed.items() if entry_edited(dict.get(state, key), entry, recorded)]
     return out + [key for key in dict.keys(state) if key not in handed and dict.get(state, key)]
 
 
