@@ -4,7 +4,8 @@ The parent sets ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before th
 For each entry, params are placed with ``NamedSharding(mesh, P('x'))`` on an explicit 8-device mesh; the
 state's ``jax.typeof`` (shape, dtype and sharding) must be identical after ``init``, after an eager
 ``update`` and after a jitted update, and three jitted steps must match a single-device run (≤ 1e-6 f32).
-Prints one JSON line ``{entry: {"devices", "types_equal", "max_diff", "detail"}}``.
+Entry names given as arguments limit the check to them (all entries otherwise). Prints one JSON line
+``{entry: {"devices", "types_equal", "max_diff", "detail"}}``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def check(entry, mesh):
 def main():
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
     report = {}
-    for entry in registry.entries():
+    names = sys.argv[1:]
+    for entry in [registry.get(n) for n in names] if names else registry.entries():
         try:
             report[entry.name] = check(entry, mesh)
         except Exception:  # noqa: BLE001 - reported per entry; the test shows the traceback

@@ -27,6 +27,14 @@ from jaxopt_suite._common import FlatLayout
 
 ENTRIES = registry.entries()
 by_entry = pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+#: the last registered entry of each family: the variant with the most options on (adamw, asgd_momentum,
+#: lookahead_adam, autosgm_parcor, elra_dnn); the two slowest contract checks (a vmapped compile, an
+#: 8-device subprocess) run these in the default suite and the other entries, which share their factory
+#: code, with -m slow
+ONE_PER_FAMILY = tuple({e.family: e.name for e in ENTRIES}.values())
+by_entry_others_slow = pytest.mark.parametrize(
+    "entry", [pytest.param(e, id=e.name, marks=() if e.name in ONE_PER_FAMILY else pytest.mark.slow)
+              for e in ENTRIES])
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 EXTRA_NAME = "unexpected_extra_args_your_optimizer_doesnt_expect"
@@ -267,7 +275,7 @@ def test_converges(entry, problem, dtype):
 # --------------------------------------------------------------------------------------------------
 
 
-@by_entry
+@by_entry_others_slow
 def test_vmap_over_learning_rates(entry):
     if "learning_rate" not in inspect.signature(entry.factory).parameters:
         pytest.skip("the factory has no learning_rate argument")
@@ -323,11 +331,16 @@ def test_multisteps_non_boundary_updates_are_zero(entry):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_sharded_params_match_single_device():
-    """Every entry, run by ``sharding_check.py`` over 8 forced host devices, matches its single-device run.
+@pytest.mark.parametrize("names", [
+    pytest.param(ONE_PER_FAMILY, id="one_per_family"),
+    pytest.param(tuple(e.name for e in ENTRIES if e.name not in ONE_PER_FAMILY), id="the_others",
+                 marks=pytest.mark.slow)])
+def test_sharded_params_match_single_device(names):
+    """Each entry of ``names``, run by ``sharding_check.py`` over 8 forced host devices, matches its
+    single-device run.
 
-    One test for all entries: the device count is fixed before jax starts, so the check is one subprocess
-    (~30 s); as parametrized tests sharing a fixture, xdist ran that subprocess once per worker.
+    One subprocess per group of entries (the device count is fixed before jax starts; ~3 s per entry):
+    one entry per family in the default suite, the others with -m slow.
     """
     script = Path(__file__).with_name("sharding_check.py")
     env = dict(os.environ)
@@ -335,11 +348,11 @@ def test_sharded_params_match_single_device():
     env["JAX_PLATFORMS"] = "cpu"
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900,
+    proc = subprocess.run([sys.executable, str(script), *names], capture_output=True, text=True, env=env, timeout=900,
                           cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert sorted(reports) == sorted(e.name for e in ENTRIES)
+    assert sorted(reports) == sorted(names)
     failures = {name: r["detail"] for name, r in reports.items()
                 if not (r["devices"] == 8 and r["types_equal"] and r["max_diff"] <= 1e-6)}
     assert not failures, failures

@@ -216,7 +216,9 @@ def test_force_retrace_returns_to_last_good_point(x64):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("classes, x64_on", [(0, False), (0, True), (10, True)])
+# without classes in float32 and with classes in float64 in the default suite (each mode and each dtype
+# once; about 10 s of compiles each), classes=0 in float64 with -m slow
+@pytest.mark.parametrize("classes, x64_on", [(0, False), pytest.param(0, True, marks=pytest.mark.slow), (10, True)])
 def test_traced_hyperparameters_compile_once_and_match_constants(classes, x64_on):
     """elra(learning_rate=x, ...) jitted with the numbers as traced arguments: one compiled init and one
     compiled update serve every value, with the results of the Python constants bit for bit (through

@@ -289,8 +289,11 @@ class MinimalReference:
         self.gv = gv
 
 
-@pytest.mark.parametrize("loss_scale", [1.0, 100.0])
-@pytest.mark.parametrize("precision", ["float32", "float64"])
+# float32 at loss scale 1 and float64 at 100 in the default suite (each dtype and each scale once; a
+# compile of about 8 s each), the other two with -m slow
+@pytest.mark.parametrize("precision, loss_scale", [
+    ("float32", 1.0), ("float64", 100.0),
+    pytest.param("float32", 100.0, marks=pytest.mark.slow), pytest.param("float64", 1.0, marks=pytest.mark.slow)])
 def test_minimal_path_equals_explicit_formulas(precision, loss_scale):
     """Controller, noise, retention and lookahead off, centering 'all', no loss: the explicit formulas.
 
