@@ -35,6 +35,7 @@ import torch_bridge as tb
 from jaxopt_suite import registry
 from jaxopt_suite._common import FlatLayout, static_args_of
 from jaxopt_suite.nonfinite import NONFINITE_POLICIES, SkipNonFiniteState
+from tests.registry_params import by_entry_others_slow
 
 ENTRIES = registry.entries()
 by_entry = pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
@@ -188,7 +189,7 @@ def _pack(tree, layout):
     return [jnp.asarray(flat)]
 
 
-@by_entry
+@by_entry_others_slow
 def test_skip_in_the_flat_layout_honours_grad_mask(entry):
     if not entry.supports_segments:
         pytest.skip("the entry has no flat layout")

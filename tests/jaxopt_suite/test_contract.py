@@ -24,17 +24,10 @@ import pytest
 
 from jaxopt_suite import registry
 from jaxopt_suite._common import FlatLayout
+from tests.registry_params import ONE_PER_FAMILY, by_entry_others_slow
 
 ENTRIES = registry.entries()
 by_entry = pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
-#: the last registered entry of each family: the variant with the most options on (adamw, asgd_momentum,
-#: lookahead_adam, autosgm_parcor, elra_dnn); the two slowest contract checks (a vmapped compile, an
-#: 8-device subprocess) run these in the default suite and the other entries, which share their factory
-#: code, with -m slow
-ONE_PER_FAMILY = tuple({e.family: e.name for e in ENTRIES}.values())
-by_entry_others_slow = pytest.mark.parametrize(
-    "entry", [pytest.param(e, id=e.name, marks=() if e.name in ONE_PER_FAMILY else pytest.mark.slow)
-              for e in ENTRIES])
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 EXTRA_NAME = "unexpected_extra_args_your_optimizer_doesnt_expect"
@@ -142,7 +135,7 @@ def test_jit_without_recompiling(entry):
         assert np.all(np.isfinite(np.asarray(leaf)))
 
 
-@by_entry
+@by_entry_others_slow
 def test_unexpected_extra_args_are_accepted_and_ignored(entry):
     tx, step = _compiled_step(entry.name)
     params, state = _run(step, _init_params(), tx.init(_init_params()), 2)
@@ -311,7 +304,7 @@ def test_abstract_init_matches_concrete(entry):
         assert (s.shape, s.dtype) == (c.shape, c.dtype)
 
 
-@by_entry
+@by_entry_others_slow
 def test_multisteps_non_boundary_updates_are_zero(entry):
     tx = optax.MultiSteps(entry.build(), every_k_schedule=4)
     step = jax.jit(_step_fn(entry, tx))
