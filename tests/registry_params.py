@@ -8,6 +8,9 @@ from jaxopt_suite import registry
 
 ENTRIES = registry.entries()
 
+#: ``entry`` over every registry entry, ids the entry names.
+by_entry = pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+
 #: The last registered entry of each family: the variant with the most options on (adamw, asgd_momentum,
 #: lookahead_adam, autosgm_parcor, elra_dnn). Checks of code that every entry of a family shares (the
 #: factory's vmap, sharding, wrapper and flat-layout paths) run these in the default suite and the other

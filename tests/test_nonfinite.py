@@ -35,10 +35,8 @@ import torch_bridge as tb
 from jaxopt_suite import registry
 from jaxopt_suite._common import FlatLayout, static_args_of
 from jaxopt_suite.nonfinite import NONFINITE_POLICIES, SkipNonFiniteState
-from tests.registry_params import by_entry_others_slow
+from tests.registry_params import ENTRIES, by_entry, by_entry_others_slow
 
-ENTRIES = registry.entries()
-by_entry = pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
 SHAPES = {"w": (3, 2), "b": (2,)}
 
 

@@ -24,10 +24,7 @@ import pytest
 
 from jaxopt_suite import registry
 from jaxopt_suite._common import FlatLayout
-from tests.registry_params import ONE_PER_FAMILY, by_entry_others_slow
-
-ENTRIES = registry.entries()
-by_entry = pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+from tests.registry_params import ENTRIES, ONE_PER_FAMILY, by_entry, by_entry_others_slow
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 EXTRA_NAME = "unexpected_extra_args_your_optimizer_doesnt_expect"

@@ -19,9 +19,8 @@ import pytest
 import jaxopt_suite as js
 from jaxopt_suite import registry
 from jaxopt_suite._common import INIT_ONLY_ATTR, StaticDefault, factory_signature, static_args_of
+from tests.registry_params import ENTRIES, by_entry
 
-ENTRIES = registry.entries()
-by_entry = pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
 STEPS = 3
 NO_VALUE = types.SimpleNamespace(requires_value=False)  # for transformations outside the registry
 
